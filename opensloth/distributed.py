@@ -1,0 +1,149 @@
+"""Distributed environment parsing and validation, and the project's rank-0 logging.
+
+Everything here is stdlib-only at import time so that any module (the packer included) can log through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+LOGGER_NAME = "opensloth"
+logger = logging.getLogger(LOGGER_NAME)
+
+
+class DistributedEnvironmentError(ValueError):
+    """The torchrun-style environment variables are missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """The process's place in a torchrun launch (a plain `python script.py` is rank 0 of 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    launched: bool = False  # True when any torchrun variable was set
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _int_var(env, name: str, default: int | None) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise DistributedEnvironmentError(
+            f"{name}={raw!r} is not an integer; torchrun sets it to a whole number "
+            f"(launch with `torchrun --nproc_per_node=N script.py`, or unset {name})"
+        ) from None
+    if value < 0:
+        raise DistributedEnvironmentError(f"{name}={value} is negative; it must be >= 0")
+    return value
+
+
+def read_dist_env(env=None) -> DistEnv:
+    """Read and validate LOCAL_RANK, RANK, WORLD_SIZE and LOCAL_WORLD_SIZE.
+
+    Raises DistributedEnvironmentError naming the variable and value when one is not an integer, is negative, or is
+    inconsistent with the others (RANK >= WORLD_SIZE, LOCAL_RANK >= LOCAL_WORLD_SIZE, WORLD_SIZE < 1).
+    """
+    env = os.environ if env is None else env
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    launched = any(env.get(n) not in (None, "") for n in names)
+    world_size = _int_var(env, "WORLD_SIZE", 1)
+    rank = _int_var(env, "RANK", 0)
+    local_rank = _int_var(env, "LOCAL_RANK", rank if world_size == 1 else 0)
+    if world_size < 1:
+        raise DistributedEnvironmentError(f"WORLD_SIZE={world_size} must be at least 1")
+    if rank >= world_size:
+        raise DistributedEnvironmentError(
+            f"RANK={rank} must be below WORLD_SIZE={world_size} (ranks are numbered 0..WORLD_SIZE-1)"
+        )
+    local_world_size = _int_var(env, "LOCAL_WORLD_SIZE", None)
+    if local_world_size is None:
+        local_world_size = max(world_size, local_rank + 1) if env.get("WORLD_SIZE") is None else world_size
+    if local_world_size < 1 or local_world_size > world_size:
+        raise DistributedEnvironmentError(
+            f"LOCAL_WORLD_SIZE={local_world_size} must be between 1 and WORLD_SIZE={world_size}"
+        )
+    if local_rank >= local_world_size:
+        raise DistributedEnvironmentError(
+            f"LOCAL_RANK={local_rank} must be below the local world size {local_world_size} "
+            f"(LOCAL_WORLD_SIZE, or WORLD_SIZE when that is unset)"
+        )
+    if launched and "RANK" in env and "LOCAL_RANK" not in env and world_size > 1:
+        raise DistributedEnvironmentError(
+            "RANK is set but LOCAL_RANK is not; launch with torchrun, which sets both"
+        )
+    return DistEnv(rank, local_rank, world_size, local_world_size, launched)
+
+
+def get_rank() -> int:
+    """Global rank: from an initialised process group when there is one, else from RANK (0 when unset)."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:  # pragma: no cover - torch is a dependency, but the packer must not need it
+        pass
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
+class RankZeroFilter(logging.Filter):
+    """Pass records on global rank 0 only, unless the record sets `all_ranks=True` (via `extra=`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "all_ranks", False):
+            if not getattr(record, "rank_prefixed", False):
+                record.msg = f"[rank {get_rank()}] {record.msg}"
+                record.rank_prefixed = True
+            return True
+        return get_rank() == 0
+
+
+# One logger for the whole library, silent on ranks other than 0 unless a record asks for every rank.
+logger.addFilter(RankZeroFilter())
+
+
+_configured = False
+
+
+def setup_logging(level: int | str | None = None) -> logging.Logger:
+    """Give the `opensloth` logger a stderr handler that speaks on rank 0 only (idempotent).
+
+    The level comes from `level`, else OPENSLOTH_LOG_LEVEL, else INFO. Library code never calls this on import;
+    scripts and `ddp_patch()` do.
+    """
+    global _configured
+    if level is None:
+        level = os.environ.get("OPENSLOTH_LOG_LEVEL", "INFO")
+    if isinstance(level, str):
+        level = level.upper()
+    logger.setLevel(level)
+    if not _configured:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[opensloth %(levelname)s] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+        _configured = True
+    return logger
+
+
+def log_all_ranks(level: int, msg: str, *args) -> None:
+    """Log a message from every rank (prefixed with the rank), e.g. which device each rank pinned."""
+    logger.log(level, msg, *args, extra={"all_ranks": True})
