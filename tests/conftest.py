@@ -1,0 +1,89 @@
+"""Shared fixtures: every packing backend, the real data in ../shared/data, tiny random models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+from opensloth.packing import BACKEND_NAMES, backend_error  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("OPENSLOTH_SHARED_DATA", ROOT.parent / "shared" / "data"))
+CHAT_FILES = {
+    "alpaca": ["alpaca_en_demo.jsonl"],
+    "gsm8k": ["gsm8k_train-00000-of-00002.jsonl", "gsm8k_train-00001-of-00002.jsonl"],
+    "hh_rlhf": ["hh_rlhf_helpful_base_test.jsonl"],
+    "arena_hard": ["arena_hard_v0.1.jsonl"],
+}
+
+
+def _selected_backends() -> tuple[str, ...]:
+    """OPENSLOTH_TEST_BACKENDS=native,numba restricts the backend fixture (the sanitised run uses it)."""
+    raw = os.environ.get("OPENSLOTH_TEST_BACKENDS", "")
+    if not raw.strip():
+        return BACKEND_NAMES
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    unknown = set(names) - set(BACKEND_NAMES)
+    if unknown:
+        raise pytest.UsageError(f"OPENSLOTH_TEST_BACKENDS names unknown backends {sorted(unknown)}")
+    return names
+
+
+@pytest.fixture(params=_selected_backends())
+def backend(request) -> str:
+    """Each packing backend in turn; a backend that does not load shows as a skip with the reason."""
+    error = backend_error(request.param)
+    if error is not None:
+        pytest.skip(f"{request.param} backend unavailable: {error}")
+    return request.param
+
+
+def require_shared_data() -> Path:
+    if not (SHARED_DATA / "chat").is_dir():
+        pytest.skip(f"the shared data folder {SHARED_DATA} is absent (a fresh clone has no ../shared)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return require_shared_data()
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer(shared_data):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(shared_data / "tokenizers" / "qwen3"))
+
+
+@pytest.fixture(scope="session")
+def chat_records(shared_data) -> dict[str, list[dict]]:
+    """All shared chat datasets: name -> list of {"id", "messages"} records."""
+    out = {}
+    for name, files in CHAT_FILES.items():
+        records = []
+        for fname in files:
+            with open(shared_data / "chat" / fname, encoding="utf-8") as fh:
+                records.extend(json.loads(line) for line in fh if line.strip())
+        out[name] = records
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_token_lengths(chat_records, qwen3_tokenizer) -> dict[str, "object"]:
+    """Token counts of every shared record under the Qwen3 chat template: name -> int64 numpy array."""
+    import numpy as np
+
+    out = {}
+    for name, records in chat_records.items():
+        texts = [qwen3_tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records]
+        enc = qwen3_tokenizer(texts, add_special_tokens=False)["input_ids"]
+        out[name] = np.asarray([len(ids) for ids in enc], dtype=np.int64)
+    return out
