@@ -1,0 +1,84 @@
+"""Shared reporting for benchmarks: machine/version header and markdown tables under benchmarks/results/."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from importlib import metadata
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def package_versions(names: Iterable[str]) -> dict[str, str]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine_header(packages: Iterable[str] = ("numpy", "numba", "torch", "transformers", "trl", "datasets"),
+                   command: str | None = None) -> str:
+    """Markdown lines naming the date, machine, Python, package versions, packing backends and the command."""
+    from opensloth import __version__
+    from opensloth.packing import available_backends
+
+    versions = ", ".join(f"{k} {v}" for k, v in package_versions(packages).items())
+    lines = [
+        f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {cpu_name()}, {os.cpu_count()} logical cores, {platform.system()} {platform.machine()}",
+        f"- python {platform.python_version()}; opensloth {__version__} (git {git_revision()}); "
+        f"backends available: {', '.join(available_backends())}",
+        f"- versions: {versions}",
+    ]
+    if command is None:
+        command = " ".join([Path(sys.executable).name] + sys.argv)
+    lines.append(f"- command: `{command}`")
+    return "\n".join(lines)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_result(name: str, title: str, sections: Sequence[tuple[str, str]], header: str | None = None) -> Path:
+    """Write benchmarks/results/<name>.md: a title, the machine header, then (subtitle, markdown body) sections."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    parts = [f"# {title}", "", header if header is not None else machine_header(), ""]
+    for subtitle, body in sections:
+        parts += [f"## {subtitle}", "", body.rstrip(), ""]
+    path = RESULTS / f"{name}.md"
+    path.write_text("\n".join(parts))
+    return path
