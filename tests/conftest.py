@@ -12,7 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
+from hypothesis import settings  # noqa: E402
+
 from opensloth.packing import BACKEND_NAMES, backend_error  # noqa: E402
+
+# HYPOTHESIS_PROFILE=ci explores more; =sanitize keeps the ASan/UBSan run short; the default suits development.
+settings.register_profile("default", max_examples=100, deadline=None)
+settings.register_profile("ci", max_examples=400, deadline=None)
+settings.register_profile("sanitize", max_examples=60, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("OPENSLOTH_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -8,6 +8,7 @@ Backend interface (shared by ``_numba.py`` and ``opensloth._native``):
 
 - ``pack_bfd(lengths, capacity) -> (bin_ptr, items, bin_lengths)``
 - ``pack_ffd(lengths, capacity) -> (bin_ptr, items, bin_lengths)``
+- ``pack_exact_fit(lengths, capacity) -> (bin_ptr, items, bin_lengths)``
 - ``partition_padded(lengths, num_batches, cap) -> (batch_ptr, items)``, ``cap == 0`` meaning no cap, and
   ``(None, None)`` when no split meets the cap
 - ``balance(costs, num_parts, equal_count) -> (part_ptr, items)``
@@ -131,6 +132,64 @@ def pack_ffd(lengths: np.ndarray, capacity: int):
             tree[node] = left if left >= right else right
             node //= 2
     return _plan_from_assignment(order, bin_of_item, bin_lengths)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exact-fit: one bin at a time, closing gaps exactly
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pack_exact_fit(lengths: np.ndarray, capacity: int):
+    """Fill one bin at a time so that gaps close exactly.
+
+    Among items of equal length the lowest index is always taken first. A bin opens with the longest remaining
+    item; then, while it has free space g > 0 and items remain, with m the shortest remaining length, it takes:
+    an item of length exactly g if one remains; otherwise the longest remaining item of length <= g - m (so the gap
+    left can still be filled); otherwise the longest remaining item of length <= g; and closes when nothing fits.
+    Bins are numbered in the order they are filled and list their items in placement order. BFD leaves gaps smaller
+    than the shortest item when the lengths are narrow (GSM8K: +0.7% bins); this rule closes them.
+    """
+    order = np.argsort(lengths, kind="stable")  # ascending length, index ascending within a length
+    sorted_lengths = lengths[order]
+    distinct, first = np.unique(sorted_lengths, return_index=True)
+    values = distinct.tolist()  # sorted distinct lengths that still have items
+    next_pos = dict(zip(values, first.tolist()))  # length -> position in `order` of its next item
+    remaining = dict(zip(values, np.diff(np.append(first, len(order))).tolist()))
+    order_list = order.tolist()
+
+    def take(value: int) -> int:
+        pos = next_pos[value]
+        next_pos[value] = pos + 1
+        remaining[value] -= 1
+        if remaining[value] == 0:
+            del values[bisect_left(values, value)]
+        return order_list[pos]
+
+    def longest_at_most(limit: int):
+        pos = bisect_left(values, limit + 1)
+        return values[pos - 1] if pos else None
+
+    bins: list[list[int]] = []
+    bin_lengths: list[int] = []
+    while values:
+        first_value = values[-1]
+        items = [take(first_value)]
+        gap = capacity - first_value
+        while gap > 0 and values:
+            if remaining.get(gap, 0) > 0:
+                value = gap
+            else:
+                value = longest_at_most(gap - values[0])
+                if value is None:
+                    value = longest_at_most(gap)
+                    if value is None:
+                        break
+            items.append(take(value))
+            gap -= value
+        bins.append(items)
+        bin_lengths.append(capacity - gap)
+    ptr = _csr([len(b) for b in bins])
+    return ptr, np.asarray([i for b in bins for i in b], dtype=np.int64), np.asarray(bin_lengths, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------------------------

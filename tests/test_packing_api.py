@@ -1,0 +1,269 @@
+"""Packing core: public API, backend selection, input validation and worked examples, on every backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import opensloth.packing as packing
+from opensloth.packing import PackPlan, available_backends, balance, get_backend, pack_lengths, partition_padded
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backend selection
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_available_backends_fastest_first_and_python_always_there():
+    names = available_backends()
+    assert "python" in names
+    assert list(names) == [n for n in packing.BACKEND_NAMES if n in names]
+
+
+def test_get_backend_follows_env(monkeypatch, backend):
+    monkeypatch.setenv("OPENSLOTH_BACKEND", backend)
+    assert get_backend() == backend
+    monkeypatch.setenv("OPENSLOTH_BACKEND", "auto")
+    assert get_backend() == available_backends()[0]
+
+
+def test_unknown_backend_name_is_a_value_error(monkeypatch):
+    monkeypatch.setenv("OPENSLOTH_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="unknown packing backend 'cuda'.*OPENSLOTH_BACKEND"):
+        get_backend()
+    with pytest.raises(ValueError, match="unknown packing backend 'fast'.*backend="):
+        pack_lengths([1], 4, backend="fast")
+
+
+def test_missing_backend_raises_import_error_with_reason(monkeypatch):
+    """Asking for a backend that does not load never falls back silently."""
+
+    def broken(name):
+        raise ImportError(f"simulated: {name} is not built")
+
+    monkeypatch.setattr(packing, "_loaded", {})
+    monkeypatch.setattr(packing, "_load_errors", {})
+    monkeypatch.setattr(packing, "_import_backend", broken)
+    monkeypatch.setenv("OPENSLOTH_BACKEND", "native")
+    with pytest.raises(ImportError, match="simulated: native is not built"):
+        pack_lengths([1, 2], 4)
+    with pytest.raises(ImportError, match="simulated: numba"):
+        pack_lengths([1, 2], 4, backend="numba")
+
+
+def test_native_version_mismatch_is_refused(monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("opensloth._native")
+    fake.__version__ = "0.0.0-stale"
+    monkeypatch.setitem(sys.modules, "opensloth._native", fake)
+    with pytest.raises(ImportError, match="built for opensloth 0.0.0-stale.*rebuild"):
+        packing._import_backend("native")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation: the same error whichever backend runs
+# ----------------------------------------------------------------------------------------------------------------
+
+BAD_LENGTHS = [
+    ([], 8, ValueError, r"lengths is empty"),
+    ([3, 0, 2], 8, ValueError, r"lengths\[1\] = 0 is below the minimum 1"),
+    ([3, 2, -4], 8, ValueError, r"lengths\[2\] = -4 is below the minimum 1"),
+    ([3, 9, 2], 8, ValueError, r"lengths\[1\] = 9 exceeds the capacity 8.*truncate or split"),
+    ([1.0, 2.5], 8, ValueError, r"lengths\[1\] = 2.5 has a fractional part"),
+    ([1.0, float("nan")], 8, ValueError, r"lengths\[1\] = nan is not a finite number"),
+    ([1.0, float("inf")], 8, ValueError, r"lengths\[1\] = inf is not a finite number"),
+    (["a", 2], 8, TypeError, r"lengths\[0\] = 'a' is a str"),
+    ([1, True], 8, TypeError, r"lengths\[1\] = True is a bool"),
+    (np.ones((2, 2), dtype=np.int64), 8, ValueError, r"must be 1-D, got shape \(2, 2\)"),
+    (np.array([True, False]), 8, TypeError, r"dtype bool"),
+    ("123", 8, TypeError, r"got str"),
+    (None, 8, TypeError, r"got NoneType"),
+    (np.array([2**63], dtype=np.uint64), 8, ValueError, r"does not fit in int64"),
+    ([1, 2], 0, ValueError, r"capacity = 0 must be a positive integer"),
+    ([1, 2], -5, ValueError, r"capacity = -5 must be a positive integer"),
+    ([1, 2], 2.5, ValueError, r"capacity = 2.5 must be a positive integer"),
+    ([1, 2], "8", TypeError, r"capacity must be a positive integer, got '8'"),
+    ([1, 2], True, TypeError, r"capacity must be a positive integer, got True"),
+]
+
+
+@pytest.mark.parametrize("lengths,capacity,exc,pattern", BAD_LENGTHS)
+def test_pack_lengths_rejects_bad_input(backend, lengths, capacity, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        pack_lengths(lengths, capacity, backend=backend)
+
+
+def test_unknown_strategy(backend):
+    with pytest.raises(ValueError, match="unknown packing strategy 'nf'"):
+        pack_lengths([1, 2], 4, strategy="nf", backend=backend)
+
+
+@pytest.mark.parametrize(
+    "lengths,k,cap,pattern",
+    [
+        ([1, 2], 3, None, r"num_batches = 3 exceeds the number of items 2"),
+        ([1, 2], 0, None, r"num_batches = 0 must be a positive integer"),
+        ([4, 0], 1, None, r"lengths\[1\] = 0 is below the minimum 1"),
+        ([4, 9], 1, 8, r"lengths\[1\] = 9 exceeds max_tokens_per_batch 8.*single sample must fit"),
+        ([4, 4, 4], 1, 8, r"no split of 3 items into 1 batches.*max_tokens_per_batch = 8"),
+        ([1, 2], 1, 0, r"max_tokens_per_batch = 0 must be a positive integer"),
+    ],
+)
+def test_partition_padded_rejects_bad_input(backend, lengths, k, cap, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        partition_padded(lengths, k, max_tokens_per_batch=cap, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "costs,k,exc,pattern",
+    [
+        ([], 2, ValueError, r"costs is empty"),
+        ([3, -1], 2, ValueError, r"costs\[1\] = -1 is below the minimum 0"),
+        ([3, 1.5], 2, ValueError, r"costs\[1\] = 1.5 has a fractional part"),
+        ([3, 1], 0, ValueError, r"num_parts = 0 must be a positive integer"),
+        ([3, 1], 2.0001, ValueError, r"num_parts = 2.0001 must be a positive integer"),
+    ],
+)
+def test_balance_rejects_bad_input(backend, costs, k, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        balance(costs, k, backend=backend)
+
+
+def test_balance_rejects_non_bool_equal_count(backend):
+    with pytest.raises(TypeError, match="equal_count must be True or False"):
+        balance([1, 2], 2, equal_count="yes", backend=backend)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda v: list(v),
+        lambda v: tuple(v),
+        lambda v: np.asarray(v, dtype=np.int8),
+        lambda v: np.asarray(v, dtype=np.uint16),
+        lambda v: np.asarray(v, dtype=np.int32)[::-1][::-1],
+        lambda v: np.asarray(v, dtype=np.float32),
+        lambda v: np.repeat(np.asarray(v, dtype=np.int64), 2)[::2],  # non-contiguous view
+        lambda v: torch.tensor(v, dtype=torch.int32),
+        lambda v: torch.tensor(v, dtype=torch.float64),
+    ],
+    ids=["list", "tuple", "int8", "uint16", "int32", "float32", "strided", "torch-int32", "torch-float64"],
+)
+def test_accepted_input_types_give_the_same_plan(backend, make):
+    values = [7, 3, 5, 1, 8, 2, 2, 6]
+    reference = pack_lengths(values, 10, backend=backend)
+    assert pack_lengths(make(values), 10, backend=backend) == reference
+
+
+def test_inputs_are_not_modified(backend):
+    arr = np.array([5, 1, 4, 4, 2], dtype=np.int64)
+    before = arr.copy()
+    pack_lengths(arr, 6, backend=backend)
+    partition_padded(arr, 2, backend=backend)
+    balance(arr, 2, backend=backend)
+    np.testing.assert_array_equal(arr, before)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worked examples (expected values derived by hand from the documented rules)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_bfd_worked_example_with_fifo_tie(backend):
+    # Order: 5(i0) 4(i2) 3(i1) 2(i3) 2(i4) 1(i5). 5 -> bin0 (free 1); 4 -> bin1 (free 2); 3 -> bin2 (free 3);
+    # 2(i3) -> bin1 (free 2 is the best fit; free 0); 2(i4) -> bin2 (free 3 -> 1); 1(i5): bins 0 and 2 both have
+    # free space 1; bin0 reached it first (FIFO), so bin0.
+    plan = pack_lengths([5, 3, 4, 2, 2, 1], 6, backend=backend)
+    assert [b.tolist() for b in plan.bins()] == [[0, 5], [2, 3], [1, 4]]
+    assert plan.bin_lengths.tolist() == [6, 6, 5]
+    assert plan.bin_ptr.tolist() == [0, 2, 4, 6]
+    assert plan.n_bins == 3 and len(plan) == 3 and plan.n_items == 6
+    assert plan.efficiency == pytest.approx(17 / 18)
+    assert plan.items.dtype == np.int64 and plan.bin_ptr.dtype == np.int64 and plan.bin_lengths.dtype == np.int64
+
+
+def test_ffd_worked_example(backend):
+    # Order 6 5 4 3 2 2 at capacity 8: 6 -> b0 (2 left), 5 -> b1 (3), 4 -> b2 (4), 3 -> b1 (first fit; 0 left),
+    # 2(i4) -> b0 (first fit; 0 left), 2(i5) -> b2 (2 left). BFD differs on the last two: 2(i4) -> b0 (free 2, best)
+    plan = pack_lengths([6, 5, 4, 3, 2, 2], 8, strategy="ffd", backend=backend)
+    assert [b.tolist() for b in plan.bins()] == [[0, 4], [1, 3], [2, 5]]
+
+
+def test_bfd_and_ffd_differ_where_best_fit_matters(backend):
+    # Capacity 13, order 10(i0) 8(i1) 7(i2) 5(i3) 5(i4) 1(i5): 10 -> b0 (3 left), 8 -> b1 (5), 7 -> b2 (6),
+    # 5(i3) -> b1 (0) in both, 5(i4) -> b2 (1) in both. For 1(i5) the free spaces are b0 = 3 and b2 = 1:
+    # first fit takes b0, best fit takes b2.
+    lengths = [10, 8, 7, 5, 5, 1]
+    assert [b.tolist() for b in pack_lengths(lengths, 13, backend=backend).bins()] == [[0], [1, 3], [2, 4, 5]]
+    assert [b.tolist() for b in pack_lengths(lengths, 13, strategy="ffd", backend=backend).bins()] == [
+        [0, 5], [1, 3], [2, 4]]
+
+
+def test_single_item_and_capacity_one(backend):
+    plan = pack_lengths([3], 3, backend=backend)
+    assert plan.bins()[0].tolist() == [0] and plan.bin_lengths.tolist() == [3]
+    plan = pack_lengths([1, 1, 1], 1, backend=backend)
+    assert [b.tolist() for b in plan.bins()] == [[0], [1], [2]]
+
+
+def test_partition_padded_worked_example_and_canonical_tie(backend):
+    # Sorted: 10(i0) 9(i3) 8(i5) 2(i4) 1(i1) 1(i2). Splits (by sorted position) costing 34: |10|9 8|2 1 1|,
+    # |10 9|8|2 1 1| and |10 9 8|2|1 1|; every other split costs more. The canonical one has the smallest
+    # boundaries: (1, 3).
+    batches = partition_padded([10, 1, 1, 9, 2, 8], 3, backend=backend)
+    assert [b.tolist() for b in batches] == [[0], [3, 5], [4, 1, 2]]
+    assert all(b.dtype == np.int64 for b in batches)
+
+
+def test_partition_padded_with_cap(backend):
+    # Sorted 6(i0) 5(i1) 5(i2) 5(i3). Two batches: |6|5 5 5| costs 6 + 15 = 21 (best), |6 5|5 5| 12 + 10 = 22,
+    # |6 5 5|5| 18 + 5 = 23. A cap of 14 forbids the 15-slot batch, leaving |6 5|5 5|; a cap of 11 leaves nothing.
+    lengths = [6, 5, 5, 5]
+    assert [b.tolist() for b in partition_padded(lengths, 2, backend=backend)] == [[0], [1, 2, 3]]
+    capped = partition_padded(lengths, 2, max_tokens_per_batch=14, backend=backend)
+    assert [b.tolist() for b in capped] == [[0, 1], [2, 3]]
+    with pytest.raises(ValueError, match="no split of 4 items into 2 batches"):
+        partition_padded(lengths, 2, max_tokens_per_batch=11, backend=backend)
+    # Three batches: |6|5|5 5| and |6|5 5|5| both cost 21; the canonical split has the smaller boundaries.
+    assert [b.tolist() for b in partition_padded(lengths, 3, max_tokens_per_batch=14, backend=backend)] == [
+        [0], [1], [2, 3]]
+
+
+def test_partition_single_batch_and_one_per_item(backend):
+    assert [b.tolist() for b in partition_padded([2, 5, 3], 1, backend=backend)] == [[1, 2, 0]]
+    assert [b.tolist() for b in partition_padded([2, 5, 3], 3, backend=backend)] == [[1], [2], [0]]
+
+
+def test_balance_examples(backend):
+    parts = balance([10, 1, 1, 9, 2, 8, 7, 7], 3, backend=backend)
+    assert sorted(i for p in parts for i in p.tolist()) == list(range(8))
+    loads = sorted(int(np.asarray([10, 1, 1, 9, 2, 8, 7, 7])[p].sum()) for p in parts)
+    assert max(loads) == 16  # the optimum: 45 over 3 parts, and 10, 9 and 8 can't be evened out below 16
+    parts = balance([5, 5, 5, 5], 2, equal_count=True, backend=backend)
+    assert sorted(len(p) for p in parts) == [2, 2]
+    for p in parts:
+        assert p.tolist() == sorted(p.tolist())
+
+
+def test_balance_more_parts_than_items(backend):
+    parts = balance([4, 2], 4, backend=backend)
+    assert len(parts) == 4
+    assert sorted(len(p) for p in parts) == [0, 0, 1, 1]
+    parts = balance([4, 2, 9], 5, equal_count=True, backend=backend)
+    assert sorted(len(p) for p in parts) == [0, 0, 1, 1, 1]
+
+
+def test_balance_zero_costs(backend):
+    parts = balance([0, 0, 0, 0, 0], 2, equal_count=True, backend=backend)
+    assert sorted(len(p) for p in parts) == [2, 3]
+
+
+def test_packplan_helpers():
+    plan = PackPlan(bin_ptr=np.array([0, 2, 3]), items=np.array([1, 0, 2]), bin_lengths=np.array([5, 2]),
+                    capacity=6)
+    assert plan.bin(0).tolist() == [1, 0] and plan.bin(1).tolist() == [2]
+    assert "n_bins=2" in repr(plan)
+    assert plan != PackPlan(bin_ptr=np.array([0, 3]), items=np.array([1, 0, 2]), bin_lengths=np.array([7]),
+                            capacity=8)
