@@ -1,0 +1,373 @@
+"""Rank-balanced, deterministic, resumable batch plans for DDP, and the work model they balance.
+
+Every rank computes the same plan from the dataset's lengths and the epoch seed, without talking to the others:
+the permutation comes from a seeded numpy generator and the balancing from `opensloth.packing.balance`, whose
+backends all return identical arrays. For each optimizer step every rank gets the same number of micro-batches,
+and the ranks' total work for that step is as equal as the lengths allow (within 1% on packed rows).
+
+How a plan is built, per epoch:
+
+1. Permute the items with ``numpy.random.default_rng([seed, epoch])``.
+2. Cut the permutation into full steps of ``world_size x grad_accum x batch_size`` items; the remainder is dropped
+   (``drop_last=True``) or becomes one shorter last step, padded by wrapping around to the start of the permutation
+   so that every rank still gets the same number of full micro-batches (``drop_last=False``).
+3. Group the full steps into windows of ``window_steps`` consecutive steps of the permutation. Inside a window,
+   `balance` splits the items into ``window_steps x world_size`` equal-count slots (one rank's items for one step)
+   of near-equal work.
+   Then all slots of the epoch are sorted by work and consecutive groups of ``world_size`` slots
+   become the steps, so the ranks of a step hold slots of almost the same work. The steps are shuffled, and so is
+   the rank order inside each step.
+4. Inside a slot, items are sorted by length (longest first) and cut into ``grad_accum`` micro-batches of
+   ``batch_size`` items (the least padding for padded collation).
+
+Under the HF Trainer, accelerate shards a batch sampler by handing batch ``i`` to rank ``i % world_size``
+(``BatchSamplerShard``). With ``rank=None`` this sampler yields the global plan interleaved in exactly that order
+(step by step, micro-batch by micro-batch, rank by rank), so accelerate's sharding gives each rank its own plan.
+`opensloth.patching.dataloader.use_balanced_sampler` installs it on a trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from numbers import Integral
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_ATTN_TOKENS",
+    "BalancedBatchSampler",
+    "EpochPlan",
+    "WorkModel",
+]
+
+# The sample length at which the attention term equals the linear (token) term, for a Llama-3-8B-like layer:
+# linear FLOPs per token ~ 2 (4 h^2 + 3 h I) with GQA and I = 3.5 h, attention ~ 2 h l per token (causal).
+DEFAULT_ATTN_TOKENS = 53_248
+_COST_SCALE = 16  # balance() takes integer costs: work units of 1/16 token
+
+
+@dataclass(frozen=True)
+class WorkModel:
+    """Relative compute of a forward+backward pass: ``work(l) = l + l^2 / attn_tokens`` per sample of length l.
+
+    The first term is the linear layers (proportional to tokens), the second the causal attention (proportional to
+    the sum of squared sample lengths; packed samples do not attend to each other, so a packed row's work is the sum
+    over its samples). ``attn_tokens`` is the sample length at which both terms are equal; use `for_config` to
+    derive it from a model config.
+    """
+
+    attn_tokens: float = DEFAULT_ATTN_TOKENS
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.attn_tokens, (int, float)) and np.isfinite(self.attn_tokens) and self.attn_tokens > 0):
+            raise ValueError(f"attn_tokens = {self.attn_tokens!r} must be a positive finite number")
+
+    @classmethod
+    def for_config(cls, config: Any) -> WorkModel:
+        """A work model from a transformers config (hidden, intermediate, attention heads); the default if unknown."""
+        h = getattr(config, "hidden_size", None)
+        inter = getattr(config, "intermediate_size", None)
+        n_q = getattr(config, "num_attention_heads", None)
+        if not all(isinstance(v, Integral) and v > 0 for v in (h, inter, n_q)):
+            return cls()
+        n_kv = getattr(config, "num_key_value_heads", None) or n_q
+        head_dim = getattr(config, "head_dim", None) or h // n_q
+        q_dim, kv_dim = n_q * head_dim, n_kv * head_dim
+        linear = 2 * (h * q_dim + 2 * h * kv_dim + q_dim * h + 3 * h * inter)
+        attention_per_length = 2 * q_dim  # causal: half of (QK^T + AV) = 2 * 2 * q_dim * l / 2
+        return cls(attn_tokens=float(linear) / attention_per_length)
+
+    def sample_work(self, lengths: Any) -> np.ndarray:
+        """Work of each sample (float64 array) from its length."""
+        arr = np.asarray(lengths, dtype=np.float64)
+        return arr + arr * arr / self.attn_tokens
+
+    def batch_work(self, lengths: Any) -> float:
+        """Total work of a batch of samples (padding excluded: padded slots are masked, not attended)."""
+        return float(self.sample_work(lengths).sum()) if len(lengths) else 0.0
+
+    def row_work(self, seq_lengths: Sequence[Sequence[int]]) -> np.ndarray:
+        """Work of each packed row from its per-sample lengths."""
+        return np.asarray([self.batch_work(np.asarray(s, dtype=np.float64)) for s in seq_lengths], dtype=np.float64)
+
+    @staticmethod
+    def costs(work: Any) -> np.ndarray:
+        """Integer costs for `opensloth.packing.balance` (work in units of 1/16 token, at least 1)."""
+        arr = np.asarray(work, dtype=np.float64)
+        return np.maximum(np.rint(arr * _COST_SCALE), 1).astype(np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class EpochPlan:
+    """One epoch's plan: ``steps[s][r]`` is rank r's list of micro-batches (index arrays) for optimizer step s.
+
+    ``rank_work[s, r]`` is the work of rank r at step s under the sampler's work model.
+    """
+
+    epoch: int
+    steps: list[list[list[np.ndarray]]]
+    rank_work: np.ndarray
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def world_size(self) -> int:
+        return self.rank_work.shape[1] if self.rank_work.ndim == 2 else 1
+
+    def rank_batches(self, rank: int, start_step: int = 0) -> list[np.ndarray]:
+        """Rank ``rank``'s micro-batches in order, from optimizer step ``start_step``."""
+        return [mb for step in self.steps[start_step:] for mb in step[rank]]
+
+    def global_batches(self, start_step: int = 0) -> list[np.ndarray]:
+        """All micro-batches interleaved the way accelerate's BatchSamplerShard deals them (batch i to rank i % W)."""
+        out = []
+        for step in self.steps[start_step:]:
+            for g in range(len(step[0])):
+                for rank_batches in step:
+                    out.append(rank_batches[g])
+        return out
+
+    def max_over_mean(self) -> np.ndarray:
+        """Per step: the busiest rank's work over the mean rank work (1.0 = perfectly balanced)."""
+        if self.num_steps == 0:
+            return np.zeros(0)
+        mean = self.rank_work.mean(axis=1)
+        return np.where(mean > 0, self.rank_work.max(axis=1) / np.where(mean > 0, mean, 1), 1.0)
+
+
+def _as_lengths(values: Any, name: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {arr.shape}")
+    if arr.dtype.kind not in "iuf" or not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must hold finite numbers (dtype {arr.dtype})")
+    if (arr < 0).any():
+        i = int(np.argmax(arr < 0))
+        raise ValueError(f"{name}[{i}] = {arr[i]} is negative; lengths and work are >= 0")
+    return arr
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name} = {value!r} must be a positive integer")
+    return int(value)
+
+
+class BalancedBatchSampler:
+    """A batch sampler for DDP whose plan is identical on every rank and balanced across ranks per optimizer step.
+
+    Give the dataset's per-item ``lengths`` (tokens), and optionally ``seq_lengths`` (per-item lists of packed
+    sample lengths, for packed rows) or an explicit per-item ``work``; the work model turns lengths into work when
+    no ``work`` is given. ``rank=None`` yields the global plan interleaved for accelerate's sharding (what the HF
+    Trainer needs); ``rank=r`` yields only rank r's micro-batches (for a plain per-rank DataLoader).
+
+    ``set_epoch(e)`` selects the epoch's permutation; ``set_start_step(k)`` makes the next iteration start at
+    optimizer step k of the current epoch (exact resume: the same remaining batches as an uninterrupted run).
+    ``drop_last=True`` drops the items that do not fill a whole step; ``drop_last=False`` adds one shorter last step,
+    wrapping around to repeat a few items, so every rank still gets the same number of micro-batches.
+    """
+
+    def __init__(
+        self,
+        lengths: Any = None,
+        *,
+        batch_size: int,
+        grad_accum: int = 1,
+        world_size: int = 1,
+        rank: int | None = None,
+        seed: int = 0,
+        drop_last: bool = True,
+        seq_lengths: Sequence[Sequence[int]] | None = None,
+        work: Any = None,
+        work_model: WorkModel | None = None,
+        window_steps: int = 32,
+        shuffle: bool = True,
+    ) -> None:
+        self.micro_batch_size = _positive_int(batch_size, "batch_size")
+        self.grad_accum = _positive_int(grad_accum, "grad_accum")
+        self.world_size = _positive_int(world_size, "world_size")
+        self.window_steps = _positive_int(window_steps, "window_steps")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, Integral)
+                                 or not 0 <= rank < self.world_size):
+            raise ValueError(f"rank = {rank!r} must be None or an integer in [0, world_size={self.world_size})")
+        self.rank = None if rank is None else int(rank)
+        if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+            raise ValueError(f"seed = {seed!r} must be a non-negative integer")
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.shuffle = bool(shuffle)
+        self.work_model = work_model or WorkModel()
+
+        if seq_lengths is not None:
+            rows = [np.asarray(s, dtype=np.int64) for s in seq_lengths]
+            if not rows:
+                raise ValueError("seq_lengths is empty; pass one list of sample lengths per dataset item")
+            row_tokens = np.asarray([int(r.sum()) for r in rows], dtype=np.int64)
+            if lengths is not None:
+                lengths = _as_lengths(lengths, "lengths")
+                if len(lengths) != len(rows):
+                    raise ValueError(f"lengths has {len(lengths)} items but seq_lengths has {len(rows)}")
+            else:
+                lengths = row_tokens
+            default_work = self.work_model.row_work(rows)
+        elif lengths is not None:
+            lengths = _as_lengths(lengths, "lengths")
+            default_work = self.work_model.sample_work(lengths)
+        elif work is not None:
+            default_work = None
+        else:
+            raise ValueError("pass lengths, seq_lengths or work: the sampler balances the dataset's per-item work")
+        if work is not None:
+            work = _as_lengths(work, "work").astype(np.float64)
+            if lengths is None:
+                lengths = work
+            elif len(work) != len(lengths):
+                raise ValueError(f"work has {len(work)} items but lengths has {len(lengths)}")
+        else:
+            work = default_work
+        self.lengths = np.asarray(lengths, dtype=np.float64)
+        self.work = np.asarray(work, dtype=np.float64)
+        self._costs = WorkModel.costs(self.work)
+        self.num_items = len(self.work)
+        per_step = self.items_per_step
+        if self.drop_last and self.num_items < per_step:
+            raise ValueError(
+                f"the dataset has {self.num_items} items but one optimizer step needs world_size x grad_accum x "
+                f"batch_size = {self.world_size} x {self.grad_accum} x {self.micro_batch_size} = {per_step}; "
+                "use a smaller batch or gradient accumulation, or drop_last=False"
+            )
+        self.epoch = 0
+        self._start_step = 0
+        self._cache: EpochPlan | None = None
+
+    # -- sizes --------------------------------------------------------------------------------------------------
+
+    @property
+    def items_per_step(self) -> int:
+        return self.world_size * self.grad_accum * self.micro_batch_size
+
+    def _last_step_batches(self) -> int:
+        """Micro-batches per rank in the shorter last step (0 when there is none)."""
+        rest = self.num_items % self.items_per_step
+        if self.drop_last or rest == 0:
+            return 0
+        per_batch_round = self.world_size * self.micro_batch_size
+        return -(-rest // per_batch_round)
+
+    @property
+    def num_steps(self) -> int:
+        """Optimizer steps per epoch (the same on every rank)."""
+        return self.num_items // self.items_per_step + (1 if self._last_step_batches() else 0)
+
+    def batches_per_rank(self) -> int:
+        """Micro-batches each rank gets per epoch."""
+        return (self.num_items // self.items_per_step) * self.grad_accum + self._last_step_batches()
+
+    def __len__(self) -> int:
+        per_rank = self.batches_per_rank()
+        return per_rank if self.rank is not None else per_rank * self.world_size
+
+    # -- epoch and resume ---------------------------------------------------------------------------------------
+
+    @property
+    def sampler(self) -> BalancedBatchSampler:
+        """Itself: accelerate's ``DataLoaderShard.set_epoch`` reaches a batch sampler through ``.sampler`` (also
+        after ``skip_first_batches`` on resume), so this makes ``set_epoch`` arrive here in every wrapping."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose permutation the next iteration uses (call before each epoch, as the Trainer does)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, Integral) or epoch < 0:
+            raise ValueError(f"epoch = {epoch!r} must be a non-negative integer")
+        self.epoch = int(epoch)
+
+    def set_start_step(self, step: int) -> None:
+        """Make the next iteration start at optimizer step ``step`` of the current epoch (one iteration only)."""
+        if isinstance(step, bool) or not isinstance(step, Integral) or not 0 <= step <= self.num_steps:
+            raise ValueError(f"step = {step!r} must be an integer in [0, {self.num_steps}] (steps in this epoch)")
+        self._start_step = int(step)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "start_step": self._start_step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(f"checkpoint seed {state['seed']} differs from this sampler's seed {self.seed}")
+        self.set_epoch(int(state["epoch"]))
+        self.set_start_step(int(state.get("start_step", 0)))
+
+    # -- the plan -----------------------------------------------------------------------------------------------
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """The whole plan of an epoch (the current one by default); cached for the current epoch."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        if self._cache is not None and self._cache.epoch == epoch:
+            return self._cache
+        plan = self._build(epoch)
+        if epoch == self.epoch:
+            self._cache = plan
+        return plan
+
+    def _build(self, epoch: int) -> EpochPlan:
+        from opensloth.packing import balance
+
+        rng = np.random.default_rng([self.seed, epoch])
+        n, world, per_step = self.num_items, self.world_size, self.items_per_step
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        full_steps = n // per_step
+        # Slots: one rank's items for one step, of near-equal work inside each window of steps.
+        slots: list[np.ndarray] = []
+        for start in range(0, full_steps, self.window_steps):
+            m = min(self.window_steps, full_steps - start)
+            slots.extend(self._slots(order[start * per_step : (start + m) * per_step], m * world, balance))
+        # Steps: the slots sorted by work, W at a time, so the ranks of a step get slots of almost equal work
+        # (this also pairs the few light slots, e.g. a packing's last, partly filled row, with each other).
+        slot_work = np.asarray([int(self._costs[s].sum()) for s in slots], dtype=np.int64)
+        by_work = np.argsort(slot_work, kind="stable").reshape(full_steps, world) if full_steps else None
+        step_order = rng.permutation(full_steps) if self.shuffle else np.arange(full_steps)
+        steps = [self._step([slots[i] for i in by_work[s]], self.grad_accum, rng) for s in step_order]
+        last = self._last_step_batches()
+        if last:
+            rest = order[full_steps * per_step :]
+            need = last * world * self.micro_batch_size
+            items = np.concatenate([rest, np.resize(order, need - len(rest))])
+            steps.append(self._step(self._slots(items, world, balance), last, rng))
+        rank_work = np.asarray(
+            [[float(self.work[np.concatenate(r)].sum()) for r in step] for step in steps], dtype=np.float64
+        ).reshape(len(steps), world)
+        return EpochPlan(epoch=epoch, steps=steps, rank_work=rank_work)
+
+    def _slots(self, items: np.ndarray, n_slots: int, balance) -> list[np.ndarray]:
+        if n_slots == 1:
+            return [items]
+        return [items[part] for part in balance(self._costs[items], n_slots, equal_count=True)]
+
+    def _step(self, slots: list[np.ndarray], batches: int, rng) -> list[list[np.ndarray]]:
+        """One step: slots dealt to ranks in a seeded order, each cut into ``batches`` micro-batches."""
+        size = self.micro_batch_size
+        ranks = rng.permutation(len(slots)) if self.shuffle else np.arange(len(slots))
+        per_rank = []
+        for r in range(len(slots)):
+            members = slots[ranks[r]]
+            # Longest first, ties by dataset index: contiguous runs of similar lengths pad the least.
+            members = members[np.lexsort((members, -self.lengths[members]))]
+            per_rank.append([members[g * size : (g + 1) * size].copy() for g in range(batches)])
+        return per_rank
+
+    # -- iteration ----------------------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[list[int]]:
+        plan = self.plan()
+        start, self._start_step = self._start_step, 0
+        batches = plan.global_batches(start) if self.rank is None else plan.rank_batches(self.rank, start)
+        for batch in batches:
+            yield batch.tolist()
+
+    def __repr__(self) -> str:
+        return (f"BalancedBatchSampler(items={self.num_items}, batch_size={self.micro_batch_size}, "
+                f"grad_accum={self.grad_accum}, world_size={self.world_size}, rank={self.rank}, "
+                f"steps={self.num_steps}, drop_last={self.drop_last})")
