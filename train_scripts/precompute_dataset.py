@@ -1,0 +1,247 @@
+#!/usr/bin/env python
+"""Tokenise (and optionally pack) a chat dataset once, for every later training run to load.
+
+    python train_scripts/precompute_dataset.py --data hh_rlhf --tokenizer ../shared/data/tokenizers/qwen3 \\
+        --max_seq_length 4096 --val_size 0.05 --pack 4096 --name hh_qwen3_4k
+
+writes `data/precomputed/<name>/train`, `.../val` (datasets `save_to_disk` folders) and `metadata.json` (the
+arguments, the sources and their checksums, the tokenizer's identity, formatting/truncation/packing counts). The
+folder is written under a temporary name and renamed into place, so an interrupted run leaves nothing that
+looks complete. Training scripts load it with `--skip_prepare --prepared_dataset_path data/precomputed/<name>`
+(`opensloth.data.cache.load_prepared_dataset`).
+
+`--data` takes JSONL/JSON files of chat records (`messages`, Capybara's `conversation`, or ShareGPT's
+`conversations`), folders written by `datasets.save_to_disk`, or the names of the shared datasets
+(alpaca, gsm8k, hh_rlhf, arena_hard, looked up in $OPENSLOTH_SHARED_DATA or ../shared/data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+SHARED_CHAT_FILES = {
+    "alpaca": ["alpaca_en_demo.jsonl"],
+    "gsm8k": ["gsm8k_train-00000-of-00002.jsonl", "gsm8k_train-00001-of-00002.jsonl"],
+    "hh_rlhf": ["hh_rlhf_helpful_base_test.jsonl"],
+    "arena_hard": ["arena_hard_v0.1.jsonl"],
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", required=True,
+                   help="JSONL/JSON files, save_to_disk folders, or shared dataset names "
+                        f"({', '.join(SHARED_CHAT_FILES)}); several are concatenated")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder or hub name (HF_HUB_OFFLINE is honoured)")
+    p.add_argument("--name", default=None, help="output folder name (default: the data names joined by '+')")
+    p.add_argument("--output_dir", default="data/precomputed", help="parent folder of <name>")
+    p.add_argument("--max_seq_length", type=int, default=4096,
+                   help="truncate longer conversations to this many tokens (0: no limit)")
+    p.add_argument("--overflow", choices=("truncate", "drop"), default="truncate",
+                   help="what happens to a conversation longer than --max_seq_length")
+    p.add_argument("--all_tokens", action="store_true",
+                   help="train on every token (default: assistant turns only, content + end-of-turn token)")
+    p.add_argument("--on_error", choices=("raise", "skip"), default="raise",
+                   help="a malformed record stops the run (raise) or is skipped and counted (skip)")
+    p.add_argument("--template_kwargs", default="{}",
+                   help='JSON of extra apply_chat_template arguments, e.g. \'{"enable_thinking": false}\'')
+    p.add_argument("--val_data", nargs="*", default=None, help="separate validation sources (same forms as --data)")
+    p.add_argument("--val_size", type=float, default=0.0,
+                   help="hold out this fraction (< 1) or number (>= 1) of the --data records for validation")
+    p.add_argument("--seed", type=int, default=42, help="shuffle seed for --val_size")
+    p.add_argument("--max_records", type=int, default=None, help="use only the first N records (quick trials)")
+    p.add_argument("--num_proc", type=int, default=None, help="worker processes for tokenisation")
+    p.add_argument("--pack", type=int, default=None, metavar="CAPACITY",
+                   help="also pack the tokenised samples into rows of at most CAPACITY tokens "
+                        "(opensloth.data.packed.build_packed_dataset)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing complete output folder")
+    args = p.parse_args(argv)
+    if args.max_seq_length < 0:
+        p.error(f"--max_seq_length={args.max_seq_length} must be >= 0 (0 means no limit)")
+    if args.pack is not None and args.pack < 1:
+        p.error(f"--pack={args.pack} must be a positive capacity in tokens")
+    if args.val_size < 0:
+        p.error(f"--val_size={args.val_size} must be >= 0")
+    if args.val_data and args.val_size:
+        p.error("give either --val_data or --val_size, not both")
+    try:
+        args.template_kwargs = json.loads(args.template_kwargs)
+        assert isinstance(args.template_kwargs, dict)
+    except (ValueError, AssertionError):
+        p.error(f"--template_kwargs={args.template_kwargs!r} must be a JSON object")
+    return args
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("OPENSLOTH_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def resolve_source(src: str) -> list[Path]:
+    """Files or folders for one --data entry."""
+    path = Path(src)
+    if path.exists():
+        return [path]
+    if src in SHARED_CHAT_FILES:
+        chat = shared_data_dir() / "chat"
+        files = [chat / f for f in SHARED_CHAT_FILES[src]]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise SystemExit(f"shared dataset {src!r} not found ({', '.join(missing)}); set OPENSLOTH_SHARED_DATA")
+        return files
+    raise SystemExit(f"--data {src!r} is neither an existing file/folder nor a shared dataset name "
+                     f"({', '.join(SHARED_CHAT_FILES)})")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_records(sources: list[str], max_records: int | None):
+    """All records of the sources, as a list of dicts (or one datasets.Dataset for a save_to_disk folder)."""
+    from tqdm import tqdm
+
+    records: list = []
+    provenance = []
+    paths = [(src, path) for src in sources for path in resolve_source(src)]
+    if any(path.is_dir() for _, path in paths):
+        if len(paths) > 1:
+            raise SystemExit("a save_to_disk folder must be the only --data source (concatenate them first)")
+        from datasets import load_from_disk
+
+        src, path = paths[0]
+        records = load_from_disk(str(path))
+        provenance.append({"source": src, "path": str(path), "rows": len(records), "kind": "save_to_disk"})
+        paths = []
+    for src, path in paths:
+        n0 = len(records)
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, list):
+                raise SystemExit(f"{path} holds a JSON {type(data).__name__}; expected a list of records")
+            records.extend(data)
+        else:
+            with open(path, encoding="utf-8") as fh:
+                for lineno, line in enumerate(tqdm(fh, desc=f"read {path.name}", unit=" lines", leave=False), 1):
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except ValueError as exc:
+                            raise SystemExit(f"{path}:{lineno}: not valid JSON ({exc})") from None
+        provenance.append({"source": src, "path": str(path), "rows": len(records) - n0,
+                           "sha256": sha256_file(path)})
+    if max_records is not None:
+        if isinstance(records, list):
+            records = records[:max_records]
+        else:
+            records = records.select(range(min(max_records, len(records))))
+    return records, provenance
+
+
+def split_records(records, val_size: float, seed: int):
+    if not val_size:
+        return records, None
+    import numpy as np
+
+    n = len(records)
+    n_val = int(round(val_size * n)) if val_size < 1 else int(val_size)
+    if not 0 < n_val < n:
+        raise SystemExit(f"--val_size={val_size} gives {n_val} validation records out of {n}; it must leave both "
+                         f"splits non-empty")
+    order = np.random.default_rng(seed).permutation(n)
+    val_idx, train_idx = sorted(order[:n_val].tolist()), sorted(order[n_val:].tolist())
+    if isinstance(records, list):
+        return [records[i] for i in train_idx], [records[i] for i in val_idx]
+    return records.select(train_idx), records.select(val_idx)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if not args.num_proc else "false")
+    from opensloth.distributed import setup_logging
+
+    setup_logging()
+    from transformers import AutoTokenizer
+
+    from opensloth.data.cache import CacheConfig, atomic_save_datasets, read_cache_metadata, tokenizer_identity
+    from opensloth.data.chat import tokenize_chat_dataset
+
+    name = args.name or "+".join(Path(s).stem for s in args.data)
+    out = Path(args.output_dir) / name
+    config = CacheConfig(train_subdir="train", val_subdir="val", metadata_file="metadata.json")
+    if out.exists() and not args.overwrite:
+        meta, _ = read_cache_metadata(out, config)
+        if meta is not None:
+            raise SystemExit(f"{out} already holds a complete precomputed dataset; pass --overwrite to rebuild it")
+
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    records, provenance = load_records(args.data, args.max_records)
+    if args.val_data:
+        train_records, val_records = records, load_records(args.val_data, None)[0]
+    else:
+        train_records, val_records = split_records(records, args.val_size, args.seed)
+
+    common = dict(max_seq_length=args.max_seq_length or None, assistant_only=not args.all_tokens,
+                  num_proc=args.num_proc, overflow=args.overflow, on_error=args.on_error, return_stats=True,
+                  **args.template_kwargs)
+    splits, stats = {}, {}
+    for split, recs in (("train", train_records), ("val", val_records)):
+        if recs is None:
+            continue
+        ds, st = tokenize_chat_dataset(recs, tokenizer, desc=split, **common)
+        splits[split], stats[split] = ds, {"chat": st.as_dict()}
+
+    if args.pack is not None:
+        try:
+            from opensloth.data.packed import build_packed_dataset
+        except ImportError as exc:
+            raise SystemExit(f"--pack needs opensloth.data.packed.build_packed_dataset ({exc})") from None
+        for split, ds in list(splits.items()):
+            packed, pst = build_packed_dataset(ds, args.pack, return_stats=True)
+            splits[split] = packed
+            stats[split]["packing"] = dataclasses.asdict(pst) if dataclasses.is_dataclass(pst) else dict(pst)
+
+    metadata = {
+        "kind": "opensloth.precomputed",
+        "args": dict(vars(args)),
+        "sources": provenance,
+        "tokenizer": {"name_or_path": args.tokenizer, **(tokenizer_identity(tokenizer) or {})},
+        "stats": stats,
+        "columns": {k: v.column_names for k, v in splits.items()},
+        "packed_capacity": args.pack,
+    }
+    atomic_save_datasets(out, splits, metadata, config)
+
+    print(f"\nprecomputed dataset written to {out} in {time.time() - t0:.1f}s")
+    for split, ds in splits.items():
+        chat = stats[split]["chat"]
+        line = (f"  {split}: {chat['records_out']} samples from {chat['records_in']} records, {chat['tokens']} tokens "
+                f"({chat['trained_tokens']} trained); {chat['truncated']} truncated, {chat['dropped_too_long']} "
+                f"dropped as too long, {chat['skipped']} skipped")
+        if "packing" in stats[split]:
+            line += f"; packed into {len(ds)} rows of <= {args.pack} tokens"
+            eff = stats[split]["packing"].get("efficiency")
+            if eff is not None:
+                line += f" (efficiency {100 * eff:.2f}%)"
+        print(line)
+    print(f"train with: --skip_prepare --prepared_dataset_path {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
