@@ -231,6 +231,25 @@ def test_waiting_rank_stops_on_rank0_error_marker(tmp_path, monkeypatch):
     assert time.monotonic() - t0 < 30  # long before the 60 s timeout
 
 
+def test_stale_error_marker_from_an_earlier_run_is_ignored(tmp_path, monkeypatch):
+    from opensloth.data import cache as cache_mod
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    real_wait = cache_mod._wait_for_cache
+
+    def earlier_failure(path, expected, config, rank):
+        cache_mod._write_json(cache_mod._error_path(path), {"error": "RuntimeError: yesterday's failure",
+                                                             "time": time.time() - 3600})
+        return real_wait(path, expected, config, rank)
+
+    monkeypatch.setattr(cache_mod, "_wait_for_cache", earlier_failure)
+    build = _wrap(tmp_path, Factory(), timeout_seconds=0.5)
+    with pytest.raises(TimeoutError, match="an older error is recorded: RuntimeError: yesterday's failure"):
+        build(None, StubTokenizer(), _ds(_records(4)), None, 2)
+
+
 def test_distributed_environment_is_validated(monkeypatch):
     assert _check_distributed_environment() == (0, 1, 0)
     monkeypatch.setenv("RANK", "1")

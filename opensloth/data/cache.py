@@ -39,8 +39,24 @@ from opensloth.distributed import DistEnv, log_all_ranks, logger, read_dist_env
 CACHE_FORMAT_VERSION = 1
 ERROR_SUFFIX = ".error.json"
 LOCK_SUFFIX = ".lock"
-_IMPORT_TIME = time.time()  # ~ this process's start; older error markers belong to earlier runs
-_ERROR_MARKER_GRACE_S = 60.0
+_IMPORT_TIME = time.time()
+_ERROR_MARKER_SLACK_S = 5.0  # ranks of one launch start within seconds of each other
+
+
+def _process_start_time() -> float:
+    """Wall-clock start of this process (Linux /proc), else the time this module was imported.
+
+    An error marker older than this (minus a little slack) was left by an earlier run and is ignored.
+    """
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])  # field 22 of proc(5); fields after the ")" start at field 3
+        with open("/proc/stat", encoding="ascii") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime"))
+        return min(_IMPORT_TIME, boot + start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORT_TIME
 
 
 @dataclass
@@ -454,12 +470,13 @@ def _wait_for_cache(path: Path, expected: Mapping | None, config: CacheConfig, r
     start = time.monotonic()
     last_log = start
     first_reason = None
+    errors_since = _process_start_time() - _ERROR_MARKER_SLACK_S
     while True:
         meta, reason = read_cache_metadata(path, config, expected)
         if meta is not None:
             return meta
         first_reason = first_reason or reason
-        error = _read_error_marker(path, newer_than=_IMPORT_TIME - _ERROR_MARKER_GRACE_S)
+        error = _read_error_marker(path, newer_than=errors_since)
         if error is not None:
             raise CacheBuildError(
                 f"rank 0 failed to build the dataset cache {path}: {error.get('error')} (details in {_error_path(path)}"
