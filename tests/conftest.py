@@ -85,7 +85,7 @@ def chat_records(shared_data) -> dict[str, list[dict]]:
 
 
 @pytest.fixture(scope="session")
-def shared_token_lengths(chat_records, qwen3_tokenizer) -> dict[str, "object"]:
+def shared_token_lengths(chat_records, qwen3_tokenizer) -> dict[str, object]:
     """Token counts of every shared record under the Qwen3 chat template: name -> int64 numpy array."""
     import numpy as np
 
