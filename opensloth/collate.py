@@ -35,6 +35,10 @@ Metadata keys (``metadata=``; the default is ``DEFAULT_METADATA``):
 
 With transformers 5.17, Qwen3 and Llama under ``attn_implementation="sdpa"`` or ``"eager"`` take every default key
 through ``**kwargs`` and ignore what they do not use (tests/test_packed_equivalence.py checks logits and loss).
+Which layout: flash-attention (``cu_seq_lens``) and Unsloth (``packed_seq_lengths``) read the metadata and build no
+mask, so ``layout="flat"`` costs nothing quadratic. transformers' sdpa/eager paths instead materialise a dense
+(B, 1, T, T) mask from ``position_ids`` in every forward: for the flat layout that is (P * L)^2 elements (1 GiB of
+bool for 8 x 4096 tokens) against P * L^2 for ``layout="rows"``, so prefer rows there.
 
 What Unsloth expects (unsloth/utils/packing.py, models/llama.py): ``packed_seq_lengths`` as an int32 tensor in the
 forward kwargs. Its attention turns it into cu_seqlens/max_seqlen with one host read per batch (cached per device)

@@ -361,21 +361,63 @@ def block_causal_mask(
     ``causal=False`` allows attention both ways inside each segment. Costs P * L * L elements: build it only for
     backends that need it, or as a test oracle.
     """
-    seg = segments_from_lengths(lengths, capacity)
-    n_rows, width = seg.n_rows, seg.width
-    ids = torch.from_numpy(seg.segment_ids()).reshape(n_rows, width)
-    if device is not None:
-        ids = ids.to(device)
-    allowed = ids[:, :, None] == ids[:, None, :]
-    if causal:
-        allowed &= torch.ones(width, width, dtype=torch.bool, device=ids.device).tril_()
-    allowed = allowed.unsqueeze(1)
-    if dtype == torch.bool:
-        return allowed
-    if not dtype.is_floating_point:
+    if not (dtype == torch.bool or dtype.is_floating_point):
         raise TypeError(f"dtype must be torch.bool or a floating dtype, got {dtype}")
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=ids.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    seg = segments_from_lengths(lengths, capacity)
+    if dtype == torch.bool:
+        on, off = True, False
+    else:
+        on, off = 0.0, torch.finfo(dtype).min
+    return dense_segment_mask(seg, "causal" if causal else "full", on=on, off=off, dtype=dtype, device=device)
+
+
+def dense_segment_mask(
+    seg: Segments,
+    block: str,
+    *,
+    on: float | bool,
+    off: float | bool,
+    dtype: torch.dtype,
+    device: Any = None,
+    pad_block: str | None = None,
+) -> torch.Tensor:
+    """(P, 1, L, L) tensor, ``off`` everywhere except each segment's diagonal block, which holds the pattern
+    ``block`` ("causal": lower triangle, "full", "identity") with ``on`` where allowed. Padding segments get
+    ``pad_block`` (default: the same pattern as ``block``; "none" leaves them all ``off``).
+
+    Cost: one fill of P * L * L elements plus a copy per segment of its own block (sum of squared lengths), a
+    loop over segments, not over tokens, and an order of magnitude faster than comparing segment ids pairwise.
+    """
+    n_rows, width = seg.n_rows, seg.width
+    out = torch.full((n_rows, 1, width, width), off, dtype=dtype, device=device)
+    if seg.lengths.shape[0] == 0:
+        return out
+    longest = int(seg.lengths.max())
+    templates = {}
+
+    def template(kind: str) -> torch.Tensor:
+        if kind not in templates:
+            if kind == "causal":
+                allowed = torch.ones(longest, longest, dtype=torch.bool, device=device).tril_()
+            elif kind == "full":
+                allowed = torch.ones(longest, longest, dtype=torch.bool, device=device)
+            elif kind == "identity":
+                allowed = torch.eye(longest, dtype=torch.bool, device=device)
+            else:
+                raise ValueError(f"unknown block pattern {kind!r}; use 'causal', 'full' or 'identity'")
+            t = torch.full((longest, longest), off, dtype=dtype, device=device)
+            templates[kind] = t.masked_fill_(allowed, on)
+        return templates[kind]
+
+    pad_block = block if pad_block is None else pad_block
+    row_of = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(seg.row_ptr))
+    local = seg.starts() - row_of * width
+    for r, a, n, is_pad in zip(row_of.tolist(), local.tolist(), seg.lengths.tolist(), seg.is_pad.tolist(),
+                               strict=True):
+        kind = pad_block if is_pad else block
+        if kind != "none":
+            out[r, 0, a : a + n, a : a + n] = template(kind)[:n, :n]
+    return out
 
 
 def flex_block_mask(

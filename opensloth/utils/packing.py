@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from opensloth.collate import DEFAULT_METADATA, _assemble, _metadata_tensors
-from opensloth.masks import Segments
+from opensloth.masks import Segments, dense_segment_mask
 
 __all__ = ["ATTN_MODES", "pack"]
 
@@ -46,18 +46,8 @@ def _rows(values: Any, name: str) -> list[np.ndarray]:
 
 def _block_pattern(seg: Segments, attn_mode: str) -> torch.Tensor:
     """(P, L, L) bool: the seed's per-sample block pattern; padding rows and columns all False."""
-    n_rows, width = seg.n_rows, seg.width
-    seg_ids = seg.segment_ids()
-    seg_ids = np.where(np.repeat(seg.is_pad, seg.lengths), -1, seg_ids)
-    ids = torch.from_numpy(seg_ids).reshape(n_rows, width)
-    real = ids >= 0
-    if attn_mode == "diag":
-        eye = torch.eye(width, dtype=torch.bool)
-        return eye.unsqueeze(0) & real[:, :, None]
-    same = (ids[:, :, None] == ids[:, None, :]) & real[:, :, None]
-    if attn_mode == "tri":
-        same &= torch.ones(width, width, dtype=torch.bool).tril_()
-    return same
+    block = {"tri": "causal", "diag": "identity", "dense": "full"}[attn_mode]
+    return dense_segment_mask(seg, block, on=True, off=False, dtype=torch.bool, pad_block="none")[:, 0]
 
 
 def pack(
