@@ -101,35 +101,49 @@ class WorkModel:
 
 @dataclass(frozen=True, eq=False)
 class EpochPlan:
-    """One epoch's plan: ``steps[s][r]`` is rank r's list of micro-batches (index arrays) for optimizer step s.
+    """One epoch's plan as dense index arrays.
 
-    ``rank_work[s, r]`` is the work of rank r at step s under the sampler's work model.
+    ``full[s, r, g]`` is the g-th micro-batch (``batch_size`` dataset indices) of rank r at optimizer step s, for the
+    full steps; ``last[r, g]`` is the same for the shorter last step (None without one). ``rank_work[s, r]`` is the
+    work of rank r at step s under the sampler's work model (the last step included).
     """
 
     epoch: int
-    steps: list[list[list[np.ndarray]]]
-    rank_work: np.ndarray
+    full: np.ndarray  # (steps, world, grad_accum, batch_size) int64
+    last: np.ndarray | None  # (world, m, batch_size) int64
+    rank_work: np.ndarray  # (num_steps, world) float64
 
     @property
     def num_steps(self) -> int:
-        return len(self.steps)
+        return self.full.shape[0] + (self.last is not None)
 
     @property
     def world_size(self) -> int:
-        return self.rank_work.shape[1] if self.rank_work.ndim == 2 else 1
+        return self.full.shape[1]
+
+    @property
+    def steps(self) -> list[list[list[np.ndarray]]]:
+        """``steps[s][r]``: rank r's micro-batches (index arrays) at step s."""
+        blocks = list(self.full) + ([self.last] if self.last is not None else [])
+        return [[list(rank) for rank in step] for step in blocks]
+
+    def _blocks(self, start_step: int):
+        """(array of shape (steps, world, batches, batch_size)) pieces from ``start_step`` on."""
+        n_full = self.full.shape[0]
+        out = [self.full[start_step:]] if start_step < n_full else []
+        if self.last is not None and start_step <= n_full:
+            out.append(self.last[None])
+        return out
 
     def rank_batches(self, rank: int, start_step: int = 0) -> list[np.ndarray]:
         """Rank ``rank``'s micro-batches in order, from optimizer step ``start_step``."""
-        return [mb for step in self.steps[start_step:] for mb in step[rank]]
+        return [mb for block in self._blocks(start_step) for mb in block[:, rank].reshape(-1, block.shape[-1])]
 
     def global_batches(self, start_step: int = 0) -> list[np.ndarray]:
-        """All micro-batches interleaved the way accelerate's BatchSamplerShard deals them (batch i to rank i % W)."""
-        out = []
-        for step in self.steps[start_step:]:
-            for g in range(len(step[0])):
-                for rank_batches in step:
-                    out.append(rank_batches[g])
-        return out
+        """All micro-batches interleaved the way accelerate's BatchSamplerShard deals them (batch i to rank i % W):
+        step by step, micro-batch by micro-batch, rank by rank."""
+        return [mb for block in self._blocks(start_step)
+                for mb in block.transpose(0, 2, 1, 3).reshape(-1, block.shape[-1])]
 
     def max_over_mean(self) -> np.ndarray:
         """Per step: the busiest rank's work over the mean rank work (1.0 = perfectly balanced)."""
@@ -317,46 +331,50 @@ class BalancedBatchSampler:
 
         rng = np.random.default_rng([self.seed, epoch])
         n, world, per_step = self.num_items, self.world_size, self.items_per_step
+        per_slot = self.grad_accum * self.micro_batch_size
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         full_steps = n // per_step
         # Slots: one rank's items for one step, of near-equal work inside each window of steps.
-        slots: list[np.ndarray] = []
+        slots = np.empty((full_steps * world, per_slot), dtype=np.int64)
         for start in range(0, full_steps, self.window_steps):
             m = min(self.window_steps, full_steps - start)
-            slots.extend(self._slots(order[start * per_step : (start + m) * per_step], m * world, balance))
+            items = order[start * per_step : (start + m) * per_step]
+            slots[start * world : (start + m) * world] = self._slots(items, m * world, balance)
         # Steps: the slots sorted by work, W at a time, so the ranks of a step get slots of almost equal work
         # (this also pairs the few light slots, e.g. a packing's last, partly filled row, with each other).
-        slot_work = np.asarray([int(self._costs[s].sum()) for s in slots], dtype=np.int64)
-        by_work = np.argsort(slot_work, kind="stable").reshape(full_steps, world) if full_steps else None
-        step_order = rng.permutation(full_steps) if self.shuffle else np.arange(full_steps)
-        steps = [self._step([slots[i] for i in by_work[s]], self.grad_accum, rng) for s in step_order]
-        last = self._last_step_batches()
-        if last:
+        by_work = np.argsort(self._costs[slots].sum(axis=1), kind="stable")
+        full = slots[by_work].reshape(full_steps, world, per_slot)
+        full = self._deal(full, rng).reshape(full_steps, world, self.grad_accum, self.micro_batch_size)
+        last = None
+        batches = self._last_step_batches()
+        if batches:
             rest = order[full_steps * per_step :]
-            need = last * world * self.micro_batch_size
+            need = batches * world * self.micro_batch_size
             items = np.concatenate([rest, np.resize(order, need - len(rest))])
-            steps.append(self._step(self._slots(items, world, balance), last, rng))
-        rank_work = np.asarray(
-            [[float(self.work[np.concatenate(r)].sum()) for r in step] for step in steps], dtype=np.float64
-        ).reshape(len(steps), world)
-        return EpochPlan(epoch=epoch, steps=steps, rank_work=rank_work)
+            last = self._deal(self._slots(items, world, balance)[None], rng)
+            last = last.reshape(world, batches, self.micro_batch_size)
+        rank_work = self.work[full].sum(axis=(2, 3))
+        if last is not None:
+            rank_work = np.concatenate([rank_work, self.work[last].sum(axis=(1, 2))[None]])
+        return EpochPlan(epoch=epoch, full=full, last=last, rank_work=rank_work)
 
-    def _slots(self, items: np.ndarray, n_slots: int, balance) -> list[np.ndarray]:
+    def _slots(self, items: np.ndarray, n_slots: int, balance) -> np.ndarray:
+        """(n_slots, len(items) // n_slots) equal-count groups of near-equal work."""
         if n_slots == 1:
-            return [items]
-        return [items[part] for part in balance(self._costs[items], n_slots, equal_count=True)]
+            return items[None]
+        if n_slots == len(items):
+            return items[:, None]
+        return np.stack([items[part] for part in balance(self._costs[items], n_slots, equal_count=True)])
 
-    def _step(self, slots: list[np.ndarray], batches: int, rng) -> list[list[np.ndarray]]:
-        """One step: slots dealt to ranks in a seeded order, each cut into ``batches`` micro-batches."""
-        size = self.micro_batch_size
-        ranks = rng.permutation(len(slots)) if self.shuffle else np.arange(len(slots))
-        per_rank = []
-        for r in range(len(slots)):
-            members = slots[ranks[r]]
-            # Longest first, ties by dataset index: contiguous runs of similar lengths pad the least.
-            members = members[np.lexsort((members, -self.lengths[members]))]
-            per_rank.append([members[g * size : (g + 1) * size].copy() for g in range(batches)])
-        return per_rank
+    def _deal(self, steps: np.ndarray, rng) -> np.ndarray:
+        """Shuffle the steps and the ranks inside each step; order each slot longest first (ties by index), so
+        that cutting it into consecutive micro-batches pads the least."""
+        if self.shuffle:
+            steps = steps[rng.permutation(steps.shape[0])]
+            ranks = np.argsort(rng.random(steps.shape[:2]), axis=1)
+            steps = np.take_along_axis(steps, ranks[:, :, None], axis=1)
+        within = np.lexsort((steps, -self.lengths[steps]), axis=-1)
+        return np.take_along_axis(steps, within, axis=-1)
 
     # -- iteration ----------------------------------------------------------------------------------------------
 

@@ -97,9 +97,9 @@ def _log_once(reason: str) -> None:
 
 @dataclass
 class _Samples:
-    """Real tokens of a window laid end to end per key, with each sample's offset and length."""
+    """A window's tokens laid end to end per key, with each sample's offset and length in that layout."""
 
-    flat: dict[str, torch.Tensor]  # key -> 1-D tensor of every real token of the window
+    flat: dict[str, torch.Tensor]  # key -> 1-D tensor of the window's tokens
     lengths: np.ndarray  # int64 (n,)
     starts: np.ndarray  # int64 (n,) offset of each sample in `flat`
     first_untrained_at_col0: np.ndarray  # bool (n,): first label != -100 but never a target (sample began a row)
@@ -169,12 +169,13 @@ def _repack_padded(batches: list[dict], stats: WindowStats, work_model: WorkMode
         left_side = True
     else:
         raise _Passthrough("attention_mask is neither right- nor left-padded throughout the window")
-    widths = [b["input_ids"].shape[1] for b in batches for _ in range(b["input_ids"].shape[0])]
-    cols = np.asarray(widths, dtype=np.int64) - lengths if left_side else np.zeros_like(lengths)
-    real_masks = [b["attention_mask"] != 0 for b in batches]
-    flat = {k: _concat([b[k][m] for b, m in zip(batches, real_masks, strict=True)])
-            for k in keys if k != "attention_mask"}
-    starts = np.cumsum(lengths) - lengths
+    # Each sample is a contiguous run of the window's batches laid end to end (row-major): where it starts there.
+    widths = np.concatenate([np.full(b["input_ids"].shape[0], b["input_ids"].shape[1], dtype=np.int64)
+                             for b in batches])
+    cols = widths - lengths if left_side else np.zeros_like(lengths)
+    row_starts = np.cumsum(widths) - widths
+    starts = row_starts + cols
+    flat = {k: _concat([b[k].reshape(-1) for b in batches]) for k in keys if k != "attention_mask"}
     first = _first_labels(flat["labels"], starts)
     if (first & (cols > 0)).any():
         raise _Passthrough(
@@ -189,16 +190,10 @@ def _repack_padded(batches: list[dict], stats: WindowStats, work_model: WorkMode
     slots_after = sum(int(lengths[g].max()) * len(g) for g in groups)
     if slots_after >= slots_before:
         return batches
-    pad_values = {}
-    for k in flat:
-        if k == "labels":
-            pad_values[k] = IGNORE_INDEX
-            continue
-        pad_values[k] = 0
-        for b, m in zip(batches, real_masks, strict=True):
-            if (~m).any():
-                pad_values[k] = b[k][~m][0].item()
-                break
+    # The value in the first padded slot of the window, per key (labels pad with -100).
+    r = int(np.argmax(lengths < widths))
+    pad_at = int(row_starts[r] + (0 if left_side else lengths[r]))
+    pad_values = {k: (IGNORE_INDEX if k == "labels" else flat[k][pad_at].item()) for k in flat}
     samples = _Samples(flat, lengths, starts, first & (cols == 0))
     out = [_build_padded(np.sort(g), samples, left_side, pad_values, batches[0]) for g in groups]
     stats.changed, stats.slots = True, slots_after
@@ -207,24 +202,25 @@ def _repack_padded(batches: list[dict], stats: WindowStats, work_model: WorkMode
 
 
 def _build_padded(items: np.ndarray, s: _Samples, left: bool, pad_values: dict, like: dict) -> dict:
+    """One padded micro-batch of ``items``: a single gather per key from the window's concatenated batches."""
     lens = s.lengths[items]
     k, width = len(items), int(lens.max())
-    row_off = np.arange(k, dtype=np.int64) * width + ((width - lens) if left else 0)
-    dest = _ranges(row_off, lens)
-    src = _ranges(s.starts[items], lens)
+    first_col = (width - lens) if left else np.zeros_like(lens)
+    rel = np.arange(width, dtype=np.int64)[None, :] - first_col[:, None]
+    valid = (rel >= 0) & (rel < lens[:, None])
+    src = np.where(valid, s.starts[items][:, None] + rel, 0).reshape(-1)
     device = like["input_ids"].device
-    dest_t, src_t = torch.from_numpy(dest).to(device), torch.from_numpy(src).to(device)
+    src_t = torch.from_numpy(src).to(device)
+    valid_t = torch.from_numpy(valid).to(device)
     out = {}
     for key, values in s.flat.items():
-        grid = torch.full((k * width,), pad_values[key], dtype=values.dtype, device=device)
-        grid[dest_t] = values.index_select(0, src_t)
-        out[key] = grid.view(k, width)
-    fix = s.first_untrained_at_col0[items] & (row_off % width > 0)
+        gathered = values.index_select(0, src_t).view(k, width)
+        out[key] = gathered.masked_fill(~valid_t, pad_values[key])
+    fix = s.first_untrained_at_col0[items] & (first_col > 0)
     if fix.any():
-        out["labels"].view(-1)[torch.from_numpy(row_off[fix]).to(device)] = IGNORE_INDEX
-    mask = torch.zeros(k * width, dtype=like["attention_mask"].dtype, device=device)
-    mask[dest_t] = 1
-    out["attention_mask"] = mask.view(k, width)
+        rows = np.flatnonzero(fix)
+        out["labels"][torch.from_numpy(rows).to(device), torch.from_numpy(first_col[rows]).to(device)] = IGNORE_INDEX
+    out["attention_mask"] = valid_t.to(like["attention_mask"].dtype)
     return {key: out[key] for key in like}
 
 
