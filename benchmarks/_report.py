@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import re
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
@@ -81,4 +82,29 @@ def write_result(name: str, title: str, sections: Sequence[tuple[str, str]], hea
         parts += [f"## {subtitle}", "", body.rstrip(), ""]
     path = RESULTS / f"{name}.md"
     path.write_text("\n".join(parts))
+    return path
+
+
+SECTION_START = "<!-- section: {name} -->"
+SECTION_END = "<!-- /section: {name} -->"
+
+
+def write_section(file_stem: str, title: str, name: str, body: str) -> Path:
+    """Write one ``## name`` section of benchmarks/results/<file_stem>.md, keeping every other section.
+
+    The section sits between ``<!-- section: name -->`` markers, carries its own machine header (each section may
+    come from a different run), and replaces an older copy of itself; the file gets ``# title`` when new.
+    """
+    path = RESULTS / f"{file_stem}.md"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    block = "\n".join([SECTION_START.format(name=name), f"## {name}", "", body.rstrip(), "",
+                       SECTION_END.format(name=name)])
+    text = path.read_text() if path.exists() else f"# {title}\n"
+    pattern = re.compile(re.escape(SECTION_START.format(name=name)) + r".*?" + re.escape(SECTION_END.format(name=name)),
+                         re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
     return path

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import RESULTS, machine_header, markdown_table  # noqa: E402
+from benchmarks._report import machine_header, markdown_table, write_section  # noqa: E402
 from opensloth.collate import PackedDataCollator  # noqa: E402
 from opensloth.masks import block_causal_mask  # noqa: E402
 from opensloth.packing import pack_lengths  # noqa: E402
@@ -164,31 +163,6 @@ def run(repeat: int, number: int) -> tuple[list[list[object]], str]:
             f"{repeat} rounds "
             f"(collators: {number} calls per round; dense masks: {dense_repeat} rounds of {dense_n} call).")
     return results, note
-
-
-SECTION_START = "<!-- section: {name} -->"
-SECTION_END = "<!-- /section: {name} -->"
-
-
-def write_section(file_stem: str, title: str, name: str, body: str) -> Path:
-    """Write one ``## name`` section of benchmarks/results/<file_stem>.md, keeping every other section.
-
-    The section sits between ``<!-- section: name -->`` markers, carries its own machine header (each section may
-    come from a different run), and replaces an older copy of itself; the file gets ``# title`` when new.
-    """
-    path = RESULTS / f"{file_stem}.md"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    block = "\n".join([SECTION_START.format(name=name), f"## {name}", "", body.rstrip(), "",
-                       SECTION_END.format(name=name)])
-    text = path.read_text() if path.exists() else f"# {title}\n"
-    pattern = re.compile(re.escape(SECTION_START.format(name=name)) + r".*?" + re.escape(SECTION_END.format(name=name)),
-                         re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-    return path
 
 
 def main() -> None:
