@@ -121,6 +121,33 @@ def test_torchrun_like_cpu_env_selects_gloo_and_does_not_block(fresh, monkeypatc
     assert getattr(fresh._build_accelerator_args, dp._DDP_DEFAULTS_MARK, False)
 
 
+def _torchrun_env(monkeypatch, rank, world):
+    for k, v in dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=world, MASTER_ADDR="127.0.0.1", MASTER_PORT=29513).items():
+        monkeypatch.setenv(k, str(v))
+
+
+def test_cuda_pins_the_local_rank(fresh, monkeypatch):
+    pinned = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", pinned.append)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"FakeGPU{i}")
+    _torchrun_env(monkeypatch, 1, 2)
+    assert dp.ddp_patch() == torch.device("cuda", 1)
+    assert pinned == [1]
+    assert "ACCELERATE_USE_CPU" not in os.environ  # accelerate picks nccl for CUDA by itself
+
+
+def test_cuda_local_rank_beyond_visible_devices(fresh, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    _torchrun_env(monkeypatch, 1, 2)
+    with pytest.raises(DistributedEnvironmentError, match=r"LOCAL_RANK=1 but only 1 CUDA device\(s\) are visible "
+                                                          r"\(CUDA_VISIBLE_DEVICES=3\)"):
+        dp.ddp_patch()
+
+
 def test_importing_loads_nothing_heavy():
     code = ("import sys, opensloth.patching, opensloth.patching.ddp_patch; "
             "print(sorted(m for m in ('unsloth', 'unsloth_zoo', 'trl', 'datasets', 'transformers') "

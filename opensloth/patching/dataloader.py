@@ -43,7 +43,7 @@ def dataset_lengths(dataset: Any, *, seq_lengths_key: str = "seq_lengths",
     columns = getattr(dataset, "column_names", None)
     if columns is not None:  # a datasets.Dataset: read columns through Arrow, without decoding rows
         if seq_lengths_key in columns:
-            rows = dataset.with_format(None)[seq_lengths_key]
+            rows = [list(r) for r in dataset.with_format(None)[seq_lengths_key]]
             return np.asarray([sum(r) for r in rows], dtype=np.int64), rows
         if length_column and length_column in columns:
             return np.asarray(dataset.with_format(None)[length_column], dtype=np.int64), None
@@ -121,9 +121,10 @@ def use_balanced_sampler(
 ) -> BalancedBatchSampler:
     """Train ``trainer`` with a `BalancedBatchSampler` (replaces ``get_train_dataloader`` on the instance).
 
-    Lengths come from the training dataset unless given. The sampler takes the trainer's micro-batch size,
-    gradient accumulation, world size, seed and ``dataloader_drop_last``; it is returned (and kept as
-    ``trainer._opensloth_sampler``) for inspection. Raises ValueError when the dataset's lengths cannot be read.
+    Lengths come from the training dataset unless given (read once, here). The sampler takes the trainer's
+    micro-batch size, gradient accumulation, world size, seed (``data_seed`` if set) and ``dataloader_drop_last``
+    each time the dataloader is built; the one in use is ``trainer._opensloth_sampler``, and the one built now is
+    returned. Raises ValueError when the dataset's lengths cannot be read or the dataset is too small for one step.
     """
     args = trainer.args
     if lengths is None and seq_lengths is None:
@@ -136,22 +137,28 @@ def use_balanced_sampler(
     if work_model is None:
         config = getattr(getattr(trainer, "model", None), "config", None)
         work_model = WorkModel.for_config(config) if config is not None else WorkModel()
-    sampler = BalancedBatchSampler(
-        lengths,
-        seq_lengths=seq_lengths,
-        batch_size=trainer._train_batch_size if hasattr(trainer, "_train_batch_size") else args.train_batch_size,
-        grad_accum=args.gradient_accumulation_steps,
-        world_size=max(1, args.world_size),
-        rank=None,
-        seed=args.data_seed if getattr(args, "data_seed", None) is not None else args.seed,
-        drop_last=args.dataloader_drop_last,
-        work_model=work_model,
-        window_steps=window_steps,
-    )
+
+    def make_sampler(self) -> BalancedBatchSampler:
+        # Built from the arguments at each call: auto_find_batch_size may lower the batch size between attempts.
+        targs = self.args
+        return BalancedBatchSampler(
+            lengths,
+            seq_lengths=seq_lengths,
+            batch_size=getattr(self, "_train_batch_size", None) or targs.train_batch_size,
+            grad_accum=targs.gradient_accumulation_steps,
+            world_size=max(1, targs.world_size),
+            rank=None,
+            seed=targs.data_seed if getattr(targs, "data_seed", None) is not None else targs.seed,
+            drop_last=targs.dataloader_drop_last,
+            work_model=work_model,
+            window_steps=window_steps,
+        )
 
     def get_train_dataloader(self):
-        return _training_dataloader(self, sampler)
+        self._opensloth_sampler = make_sampler(self)
+        return _training_dataloader(self, self._opensloth_sampler)
 
+    sampler = make_sampler(trainer)  # validates now (a too-small dataset fails here, not at train time)
     setattr(get_train_dataloader, _MARK, True)
     trainer.get_train_dataloader = types.MethodType(get_train_dataloader, trainer)
     trainer._opensloth_sampler = sampler
