@@ -1,0 +1,263 @@
+"""The training harness's configuration: one dataclass whose fields are the command-line flags of
+`train_scripts/train_configurable.py`, with their help text, choices and validation.
+
+`build_parser()` makes the argparse parser from the fields; `resolve_config(namespace)` fills what the command
+line left out from the preset (if any), then from the field defaults (the seed's), and records where every value
+came from; `TrainConfig.problems()` lists invalid values as `(flag, message)` pairs, which the script turns into
+argparse errors naming the flag. Nothing here imports torch, transformers or Unsloth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "BACKENDS",
+    "GRADIENT_CHECKPOINTING",
+    "INTERVAL_STRATEGIES",
+    "PACKING_MODES",
+    "TrainConfig",
+    "build_parser",
+    "resolve_config",
+]
+
+BACKENDS = ("auto", "unsloth", "hf")
+PACKING_MODES = ("none", "padding_free", "packed", "balanced")
+INTERVAL_STRATEGIES = ("no", "steps", "epoch")
+GRADIENT_CHECKPOINTING = ("auto", "on", "off")
+DEFAULT_DATASET = "trl-lib/Capybara"
+PRESET_DATASET = "synthetic"
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "training", flag: str | None = None,
+       action: str | None = None, metavar: str | None = None) -> Any:
+    meta = {"help": help, "choices": choices, "group": group, "flag": flag, "action": action, "metavar": metavar}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (the flags of train_configurable.py, same names)."""
+
+    # model
+    model_name: str = _f("unsloth/Qwen3-0.6B-bnb-4bit", "model to fine-tune: a Hugging Face hub name or a local "
+                         "folder (from_pretrained)", group="model")
+    preset: str | None = _f(None, "embedded offline default: 'tiny' builds a tiny random Qwen3-architecture model, "
+                            "the project's own tokenizer and a synthetic chat dataset (no network; trains on a CPU "
+                            "in under two minutes); its training defaults apply to flags you do not give",
+                            choices=("tiny",), group="model")
+    backend: str = _f("auto", "training stack: 'unsloth' (FastLanguageModel, CUDA only), 'hf' (transformers + "
+                      "peft, CPU or GPU), or 'auto' (Unsloth when it imports and CUDA is there, else hf)",
+                      choices=BACKENDS, group="model")
+    lora_r: int = _f(8, "LoRA rank; 0 trains every weight (full fine-tuning)", group="model")
+    lora_alpha: int = _f(16, "LoRA alpha (scale = alpha / r)", group="model")
+    lora_dropout: float = _f(0.0, "LoRA dropout", group="model")
+    lora_targets: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated module names that get LoRA adapters",
+                           group="model")
+    load_in_4bit: bool = _f(True, "load the base weights in 4 bits (bitsandbytes; Unsloth on CUDA). "
+                            "--no-load_in_4bit loads 16-bit weights", group="model", action="bool")
+    gradient_checkpointing: str = _f("auto", "activation checkpointing: 'auto' = Unsloth's offloaded checkpointing "
+                                     "(use_gradient_checkpointing='unsloth') on the unsloth backend, off on hf; "
+                                     "'on' or 'off' to choose", choices=GRADIENT_CHECKPOINTING, group="model")
+    attn_implementation: str = _f("sdpa", "attention kernel for the hf backend (sdpa, eager, flash_attention_2, "
+                                  "flex_attention); Unsloth picks its own", group="model")
+
+    # data
+    dataset: str | None = _f(None, f"training data: a JSONL/JSON file of chat records, a save_to_disk folder, a "
+                             f"shared dataset name (alpaca, gsm8k, hh_rlhf, arena_hard, from $OPENSLOTH_SHARED_DATA "
+                             f"or ../shared/data), '{PRESET_DATASET}' (the generated chat data), or a hub dataset "
+                             f"name (default {DEFAULT_DATASET}; '{PRESET_DATASET}' with --preset)", group="data")
+    max_seq_length: int = _f(4096, "longest sample in tokens (longer ones are truncated); also the packed row "
+                             "capacity", group="data")
+    train_samples: int = _f(1000, "training records to use (the first N)", group="data")
+    test_samples: int = _f(10, "evaluation records, taken after the training ones (0: no evaluation)", group="data")
+    packing: str = _f("balanced", "batch layout: 'none' (padded samples), 'padding_free' (samples end to end, "
+                      "no padding), 'packed' (fixed-capacity rows of whole samples, best-fit decreasing), "
+                      "'balanced' (packed rows plus the rank-balanced batch sampler)", choices=PACKING_MODES,
+                      group="data")
+    all_tokens: bool = _f(False, "train on every token (default: assistant turns only)", group="data",
+                          action="store_true")
+    skip_prepare: bool = _f(False, "load a dataset written by train_scripts/precompute_dataset.py instead of "
+                            "preparing one (needs --prepared_dataset_path)", group="data", action="store_true")
+    prepared_dataset_path: str | None = _f(None, "folder written by precompute_dataset.py "
+                                           "(data/precomputed/<name>); implies --skip_prepare", group="data")
+    dataset_num_proc: int | None = _f(None, "worker processes for tokenisation (default: in-process)", group="data")
+    cache_dir: str = _f("data/cache", "where rank 0 saves the prepared datasets that every rank loads",
+                        group="data")
+
+    # optimisation
+    num_epochs: float = _f(5.0, "training epochs")
+    max_steps: int = _f(-1, "stop after this many optimizer steps (-1: run --num_epochs)")
+    learning_rate: float = _f(2e-4, "peak learning rate")
+    per_device_batch_size: int = _f(8, "micro-batch size per process: samples (none, padding_free) or packed rows "
+                                    "(packed, balanced)")
+    grad_accum: int = _f(4, "gradient accumulation steps (micro-batches per optimizer step per process)")
+    warmup_ratio: float = _f(0.0, "fraction of the steps spent warming the learning rate up")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    lr_scheduler_type: str = _f("linear", "learning-rate schedule (transformers names: linear, cosine, constant, ...)")
+    seed: int = _f(42, "seed for weights (LoRA init), data order and dropout")
+
+    # DDP patches
+    use_patches: bool = _f(True, "apply the OpenSloth patches (default): ddp_patch (device pinning, the out-of-place "
+                           "loss-scaling fix, find_unused_parameters=False) and the gradient-accumulation window "
+                           "repack", group="patches", action="store_true")
+    no_patches: bool = _f(False, "run plain transformers/TRL DDP, without the patches (the run name gets "
+                          "'_nopatches')", group="patches", action="store_true")
+
+    # run, logging, checkpoints
+    experiment_name: str = _f("opensloth_sanity", "experiment name; the run name is "
+                              "<experiment_name>_ws<world size>[_nopatches]", group="run")
+    output_dir: str | None = _f(None, "checkpoints, TensorBoard events and run_summary.json (default "
+                                "outputs/<run name>)", group="run")
+    resume_from_checkpoint: str | None = _f(None, "continue from a checkpoint folder, or 'latest' (the newest "
+                                            "checkpoint-N in --output_dir)", group="run")
+    save_strategy: str = _f("epoch", "when to save checkpoints", choices=INTERVAL_STRATEGIES, group="run")
+    save_steps: int = _f(500, "save every N steps (with --save_strategy steps)", group="run")
+    save_total_limit: int = _f(2, "keep at most N checkpoints (0: keep all)", group="run")
+    eval_strategy: str = _f("epoch", "when to evaluate (needs --test_samples > 0)", choices=INTERVAL_STRATEGIES,
+                            group="run")
+    eval_steps: int | None = _f(None, "evaluate every N steps (with --eval_strategy steps; default --save_steps)",
+                                group="run")
+    logging_steps: int = _f(1, "log the loss and the per-step figures every N optimizer steps", group="run")
+    report_to: str = _f("tensorboard", "where the Trainer reports (tensorboard, none, wandb, ...)", group="run")
+    print_config: bool = _f(False, "print the resolved configuration and exit without training", group="run",
+                            action="store_true")
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def patches(self) -> bool:
+        """Whether the OpenSloth patches are applied (on unless --no_patches)."""
+        return not self.no_patches
+
+    def run_name(self, world_size: int) -> str:
+        """`<experiment_name>_ws<world_size>`, plus `_nopatches` when the patches are off."""
+        return f"{self.experiment_name}_ws{world_size}" + ("" if self.patches else "_nopatches")
+
+    def resolved_output_dir(self, world_size: int) -> str:
+        return self.output_dir or os.path.join("outputs", self.run_name(world_size))
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Invalid values as (flag, message) pairs; empty when the configuration is usable."""
+        out: list[tuple[str, str]] = []
+
+        def need(cond: bool, name: str, message: str) -> None:
+            if not cond:
+                out.append((f"--{name}", message))
+
+        for name in ("max_seq_length", "train_samples", "per_device_batch_size", "grad_accum", "save_steps",
+                     "logging_steps"):
+            value = getattr(self, name)
+            need(value >= 1, name, f"must be a positive integer, got {value}")
+        need(self.test_samples >= 0, "test_samples", f"must be >= 0 (0: no evaluation), got {self.test_samples}")
+        need(self.num_epochs > 0, "num_epochs", f"must be positive, got {self.num_epochs}")
+        need(self.max_steps == -1 or self.max_steps >= 1, "max_steps",
+             f"must be a positive number of optimizer steps or -1 (use --num_epochs), got {self.max_steps}")
+        need(self.learning_rate > 0, "learning_rate", f"must be positive, got {self.learning_rate}")
+        need(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        need(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        need(self.lora_r >= 0, "lora_r", f"must be >= 0 (0: full fine-tuning), got {self.lora_r}")
+        need(self.lora_alpha >= 1, "lora_alpha", f"must be a positive integer, got {self.lora_alpha}")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        need(bool([t for t in self.lora_targets.split(",") if t.strip()]), "lora_targets",
+             "must name at least one module, e.g. q_proj,k_proj,v_proj,o_proj")
+        need(self.save_total_limit >= 0, "save_total_limit", f"must be >= 0 (0: keep all), got {self.save_total_limit}")
+        if self.eval_steps is not None:
+            need(self.eval_steps >= 1, "eval_steps", f"must be a positive integer, got {self.eval_steps}")
+        if self.dataset_num_proc is not None:
+            need(self.dataset_num_proc >= 1, "dataset_num_proc", f"must be >= 1, got {self.dataset_num_proc}")
+        need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        need(bool(self.experiment_name.strip()) and "/" not in self.experiment_name, "experiment_name",
+             f"must be a non-empty name without '/', got {self.experiment_name!r}")
+        if self.skip_prepare and not self.prepared_dataset_path:
+            out.append(("--prepared_dataset_path", "is required with --skip_prepare (a folder written by "
+                                                   "train_scripts/precompute_dataset.py)"))
+        if self.prepared_dataset_path and not os.path.isdir(self.prepared_dataset_path):
+            out.append(("--prepared_dataset_path", f"{self.prepared_dataset_path!r} is not a folder; create it with "
+                                                   f"`python train_scripts/precompute_dataset.py ... --name NAME` "
+                                                   f"(it writes data/precomputed/NAME)"))
+        if self.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(self.resume_from_checkpoint):
+            out.append(("--resume_from_checkpoint", f"{self.resume_from_checkpoint!r} is not a checkpoint folder "
+                                                    f"(give a path such as outputs/<run>/checkpoint-100, or 'latest')"))
+        if self.use_patches_given and self.no_patches:
+            out.append(("--no_patches", "contradicts --use_patches; give one of them"))
+        return out
+
+    use_patches_given: bool = field(default=False, repr=False, metadata={"internal": True})
+
+
+_INTERNAL = {"use_patches_given"}
+
+
+def _fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(TrainConfig) if f.name not in _INTERNAL]
+
+
+def _type_of(f: dataclasses.Field):
+    name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if name.startswith("int"):
+        return int
+    if name.startswith("float"):
+        return float
+    return str
+
+
+def build_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """The argparse parser for `TrainConfig` (defaults are applied by `resolve_config`, not by argparse)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    groups: dict[str, Any] = {}
+    for f in _fields():
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = meta["help"] + (f" (default: {default})" if meta["action"] not in ("store_true",) else "")
+        flag = "--" + f.name
+        if meta["action"] == "store_true":
+            group.add_argument(flag, action="store_true", help=meta["help"])
+        elif meta["action"] == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(flag, type=_type_of(f), choices=meta["choices"], help=help_text,
+                               metavar=meta["metavar"])
+    return parser
+
+
+def resolve_config(namespace: argparse.Namespace) -> tuple[TrainConfig, dict[str, str]]:
+    """A `TrainConfig` from parsed flags: given flags, then the preset's defaults, then the field defaults.
+
+    Returns `(config, sources)`, `sources[name]` being "flag", "preset" or "default".
+    """
+    given = {k: v for k, v in vars(namespace).items()}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    preset_defaults: dict[str, Any] = {}
+    preset = given.get("preset")
+    if preset is not None:
+        from opensloth.presets import get_preset
+
+        preset_defaults = dict(get_preset(preset).defaults)
+        preset_defaults.setdefault("dataset", PRESET_DATASET)
+        preset_defaults.setdefault("experiment_name", preset)
+    for f in _fields():
+        if f.name in given:
+            values[f.name], sources[f.name] = given[f.name], "flag"
+        elif f.name in preset_defaults:
+            values[f.name], sources[f.name] = preset_defaults[f.name], "preset"
+        else:
+            sources[f.name] = "default"
+    if values.get("dataset") is None and "dataset" not in values:
+        values["dataset"] = DEFAULT_DATASET
+    if values.get("prepared_dataset_path") and not values.get("skip_prepare"):
+        values["skip_prepare"], sources["skip_prepare"] = True, "implied by --prepared_dataset_path"
+    values["use_patches_given"] = bool(given.get("use_patches"))
+    values.pop("use_patches", None)
+    config = TrainConfig(**values)
+    return config, sources
