@@ -13,6 +13,7 @@ summing to the row's length). Other input columns are not carried over.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -118,7 +119,7 @@ def packing_stats(dataset: Any) -> PackingStats | dict[str, PackingStats] | None
 
 
 def _check_capacity(capacity: Any) -> int:
-    if isinstance(capacity, (bool, np.bool_)) or not isinstance(capacity, (int, np.integer)):
+    if isinstance(capacity, bool | np.bool_) or not isinstance(capacity, int | np.integer):
         raise TypeError(f"capacity must be a positive integer (tokens per packed row), got {capacity!r} "
                         f"({type(capacity).__name__})")
     capacity = int(capacity)
@@ -201,7 +202,10 @@ def _read_columns(dataset):
         logger.debug("build_packed_dataset: columns not carried into the packed rows: %s", ignored)
     if "labels" in names and "assistant_masks" in names:
         logger.debug("build_packed_dataset: both labels and assistant_masks present; using labels")
-    table = dataset.with_format("arrow", columns=columns)[:]
+    if getattr(dataset, "_indices", None) is None:
+        table = dataset.data.table.select(columns)  # zero-copy; the common case (no select/shuffle mapping)
+    else:
+        table = dataset.with_format("arrow", columns=columns)[:]  # applies the indices mapping
     return table, label_source
 
 
@@ -262,7 +266,7 @@ def build_packed_dataset(
 
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown packing strategy {strategy!r}; choose one of {STRATEGIES}")
-    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, (int, np.integer)) or chunk_tokens <= 0:
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int | np.integer) or chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens = {chunk_tokens!r} must be a positive integer")
 
     if isinstance(dataset, datasets.DatasetDict):
@@ -276,7 +280,7 @@ def build_packed_dataset(
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"build_packed_dataset takes a datasets.Dataset or DatasetDict, got {type(dataset).__name__}"
                         + ("; materialise an IterableDataset first (e.g. Dataset.from_generator)"
-                           if isinstance(dataset, (datasets.IterableDataset, datasets.IterableDatasetDict)) else ""))
+                           if isinstance(dataset, datasets.IterableDataset | datasets.IterableDatasetDict) else ""))
 
     import pyarrow as pa
 
@@ -404,14 +408,15 @@ def build_packed_dataset(
 
 def _finish(table, source, stats: PackingStats):
     import datasets
-    from datasets.fingerprint import Hasher, generate_random_fingerprint
+    from datasets.fingerprint import generate_random_fingerprint
     from datasets.table import InMemoryTable
 
     info = datasets.DatasetInfo(description=stats.to_json())
     parent = getattr(source, "_fingerprint", None)
     if parent:
-        params = {k: v for k, v in asdict(stats).items() if k not in ("seconds",)}
-        fingerprint = Hasher.hash(("opensloth.data.packed/1", parent, params))
+        # Deterministic: the same input and settings give the same fingerprint (datasets' caching keys on it).
+        params = json.dumps({k: v for k, v in asdict(stats).items() if k != "seconds"}, sort_keys=True)
+        fingerprint = hashlib.sha256(f"opensloth.data.packed/1|{parent}|{params}".encode()).hexdigest()[:16]
     else:
         fingerprint = generate_random_fingerprint()
     return datasets.Dataset(InMemoryTable(table), info=info, split=source.split, fingerprint=fingerprint)
