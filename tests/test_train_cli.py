@@ -1,0 +1,180 @@
+"""train_scripts/train_configurable.py's command line: defaults, validation, preset resolution, config printing."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import py_compile
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "train_scripts" / "train_configurable.py"
+
+
+@pytest.fixture(scope="module")
+def cli():
+    spec = importlib.util.spec_from_file_location("train_configurable_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _single_process(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _error(cli, capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--per_device_batch_size", "0"], "--per_device_batch_size"),
+    (["--per_device_batch_size", "-3"], "--per_device_batch_size"),
+    (["--grad_accum", "0"], "--grad_accum"),
+    (["--max_seq_length", "0"], "--max_seq_length"),
+    (["--train_samples", "0"], "--train_samples"),
+    (["--test_samples", "-1"], "--test_samples"),
+    (["--num_epochs", "0"], "--num_epochs"),
+    (["--max_steps", "0"], "--max_steps"),
+    (["--learning_rate", "0"], "--learning_rate"),
+    (["--learning_rate", "-1e-4"], "--learning_rate"),
+    (["--save_steps", "0"], "--save_steps"),
+    (["--logging_steps", "0"], "--logging_steps"),
+    (["--lora_r", "-1"], "--lora_r"),
+    (["--warmup_ratio", "1.5"], "--warmup_ratio"),
+    (["--backend", "tensorflow"], "--backend"),
+    (["--packing", "zip"], "--packing"),
+    (["--save_strategy", "hourly"], "--save_strategy"),
+    (["--per_device_batch_size", "two"], "--per_device_batch_size"),
+    (["--skip_prepare"], "--prepared_dataset_path"),
+    (["--skip_prepare", "--prepared_dataset_path", "/nonexistent/opensloth/prepared"], "--prepared_dataset_path"),
+    (["--resume_from_checkpoint", "/nonexistent/checkpoint-3"], "--resume_from_checkpoint"),
+    (["--preset", "huge"], "--preset"),
+    (["--preset", "tiny", "--model_name", "Qwen/Qwen3-0.6B"], "--model_name"),
+    (["--use_patches", "--no_patches"], "--no_patches"),
+    (["--experiment_name", "a/b"], "--experiment_name"),
+])
+def test_bad_flags_are_argparse_errors_naming_the_flag(cli, capsys, argv, flag):
+    err = _error(cli, capsys, argv)
+    assert f"argument {flag}" in err
+    assert "usage:" in err
+
+
+def test_several_problems_are_all_reported(cli, capsys):
+    err = _error(cli, capsys, ["--grad_accum", "0", "--train_samples", "-5"])
+    assert "--train_samples" in err and "--grad_accum" in err
+
+
+def test_seed_defaults(cli):
+    config, sources = cli.parse_args([])
+    # the seed's train_configurable.py defaults
+    assert config.model_name == "unsloth/Qwen3-0.6B-bnb-4bit"
+    assert (config.max_seq_length, config.num_epochs, config.train_samples, config.test_samples) == (4096, 5, 1000, 10)
+    assert (config.learning_rate, config.per_device_batch_size, config.grad_accum) == (2e-4, 8, 4)
+    assert config.experiment_name == "opensloth_sanity"
+    assert config.dataset == "trl-lib/Capybara"
+    assert (config.lora_r, config.lora_alpha, config.lora_targets) == (8, 16, "q_proj,k_proj,v_proj,o_proj")
+    assert config.patches and not config.skip_prepare
+    assert set(sources.values()) == {"default"}
+
+
+def test_run_name_and_output_dir(cli):
+    config, _ = cli.parse_args(["--experiment_name", "exp"])
+    assert config.run_name(1) == "exp_ws1" and config.run_name(4) == "exp_ws4"
+    assert config.resolved_output_dir(2) == os.path.join("outputs", "exp_ws2")
+    off, _ = cli.parse_args(["--experiment_name", "exp", "--no_patches"])
+    assert not off.patches and off.run_name(2) == "exp_ws2_nopatches"
+    custom, _ = cli.parse_args(["--output_dir", "/tmp/x"])
+    assert custom.resolved_output_dir(8) == "/tmp/x"
+    seed_flag, _ = cli.parse_args(["--use_patches"])  # the seed's flag still parses
+    assert seed_flag.patches
+
+
+def test_preset_defaults_apply_only_to_flags_not_given(cli):
+    from opensloth.presets import TINY
+
+    config, sources = cli.parse_args(["--preset", "tiny", "--per_device_batch_size", "3"])
+    assert config.per_device_batch_size == 3 and sources["per_device_batch_size"] == "flag"
+    assert config.learning_rate == TINY.defaults["learning_rate"] and sources["learning_rate"] == "preset"
+    assert config.dataset == "synthetic" and config.experiment_name == "tiny"
+    assert config.seed == 42 and sources["seed"] == "default"
+
+
+def test_prepared_path_implies_skip_prepare(cli, tmp_path):
+    config, sources = cli.parse_args(["--prepared_dataset_path", str(tmp_path)])
+    assert config.skip_prepare and sources["skip_prepare"].startswith("implied")
+
+
+def test_help_lists_every_setting(cli, capsys):
+    from opensloth.config import TrainConfig
+
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        if not f.metadata.get("internal"):
+            assert f"--{f.name}" in out, f.name
+
+
+def test_print_config(cli, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["--preset", "tiny", "--grad_accum", "3", "--print_config"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("OpenSloth training configuration:")
+    lines = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
+    assert "tiny_ws2" in out  # run name with the world size from WORLD_SIZE
+    assert lines["grad_accum"].split()[1] == "3" and lines["grad_accum"].endswith("[flag]")
+    assert "[preset]" in lines["learning_rate"]
+    assert "4 x 3 x 2 = 24 samples per step" in out
+
+
+def test_print_config_imports_no_training_stack():
+    """Unsloth must be imported before transformers, trl and peft: parsing and printing import none of them."""
+    code = (f"import runpy, sys; sys.argv = ['x', '--preset', 'tiny', '--print_config']\n"
+            f"try:\n    runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            f"print('LOADED', sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') "
+            f"if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "LOADED []" in out.stdout
+
+
+def test_interval_mean_weights_by_steps(cli):
+    history = [{"step": 1, "x": 10.0}, {"step": 5, "x": 20.0}, {"step": 6, "eval_loss": 1.0}, {"step": 10, "x": 40.0}]
+    # intervals cover 1, 4 and 5 steps
+    assert cli._interval_mean(history, "x") == pytest.approx((10 * 1 + 20 * 4 + 40 * 5) / 10)
+    assert cli._interval_mean(history, "missing") is None
+
+
+def test_format_summary_shows_the_figures(cli):
+    summary = {"run_name": "r_ws2", "world_size": 2, "backend": "hf", "packing": "balanced", "patches": True,
+               "global_step": 24, "max_steps": 24, "epoch": 1.0, "resumed_from_step": None,
+               "train_runtime_s": 12.5, "wall_time_s": 30.25, "tokens_per_sec_per_gpu": 2994.4,
+               "real_token_fraction": 0.987, "rank_work_max_over_mean": 1.004, "first_train_loss": 6.95,
+               "first_logged_step": 1, "final_train_loss": 4.25, "final_eval_loss": 3.89, "output_dir": "o"}
+    text = cli.format_summary(summary)
+    for piece in ("r_ws2", "2 process(es)", "12.5 s training", "2,994", "0.987", "1.004", "6.9500", "4.2500",
+                  "3.8900"):
+        assert piece in text
+
+
+@pytest.mark.parametrize("path", ["train_scripts/train_ddp.py", "examples/qwen_sft.py", "train_scripts/"
+                                  "train_configurable.py"])
+def test_scripts_compile(path, tmp_path):
+    py_compile.compile(str(ROOT / path), cfile=str(tmp_path / "x.pyc"), doraise=True)
+
+
+def test_summary_file_name_is_stable(cli):
+    # scripts/sanity_check_training.sh and the integration tests read this file
+    assert cli.SUMMARY_FILE == "run_summary.json"
