@@ -83,7 +83,8 @@ def test_both_code_paths_agree_with_the_spec_at_small_capacity(seed):
     top = int(rng.choice([capacity, max(1, capacity // 3), min(capacity, 4)]))
     lengths = rng.integers(1, top + 1, n, dtype=np.int64)
     want_bfd = spec.pack_bfd(lengths, capacity)
-    assert_same(nb._bfd_counting(lengths, capacity), want_bfd)
+    for proto in (nb._I32_PROTO, nb._I64_PROTO):  # index arrays: int32 normally, int64 past 2**31 items
+        assert_same(nb._bfd_counting(lengths, capacity, proto), want_bfd)
     assert_same(nb._bfd_sorted(lengths, capacity), want_bfd)
     want_ffd = spec.pack_ffd(lengths, capacity)
     want_exact = spec.pack_exact_fit(lengths, capacity)

@@ -30,8 +30,17 @@ _I64_MAX = np.iinfo(np.int64).max
 COUNTING_MIN_LIMIT = 1 << 16
 
 
+_I32_PROTO = np.zeros(1, np.int32)
+_I64_PROTO = np.zeros(1, np.int64)
+
+
 def _use_counting(n: int, capacity: int) -> bool:
     return capacity <= max(COUNTING_MIN_LIMIT, 2 * n)
+
+
+def _index_proto(n: int) -> np.ndarray:
+    """An array whose dtype the kernels use for item indices and bin numbers: int32 when they fit."""
+    return _I32_PROTO if n < 2**31 - 1 else _I64_PROTO
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -40,10 +49,11 @@ def _use_counting(n: int, capacity: int) -> bool:
 
 
 @numba.njit(**_JIT)
-def _order_counting(lengths, capacity):
+def _order_counting(lengths, capacity, proto):
     """Indices by length descending, ties by index ascending, for lengths in [1, capacity]: a counting sort.
 
     Also returns ``ends``: the items of length v are ``order[ends[v + 1]:ends[v]]`` (``ends[capacity + 1] = 0``).
+    ``order`` has the dtype of ``proto`` (int32 halves the memory traffic when the indices fit).
     """
     n = lengths.shape[0]
     ends = np.zeros(capacity + 2, np.int64)
@@ -54,7 +64,7 @@ def _order_counting(lengths, capacity):
         c = ends[v]
         ends[v] = pos
         pos += c
-    order = np.empty(n, np.int64)
+    order = np.empty(n, proto.dtype)
     for i in range(n):
         v = lengths[i]
         order[ends[v]] = i
@@ -64,8 +74,69 @@ def _order_counting(lengths, capacity):
 
 @numba.njit(**_JIT)
 def _order_sorted(values):
-    """Indices by value descending, ties by index ascending (a stable merge sort of the negated values)."""
-    return np.argsort(-values, kind="mergesort").astype(np.int64)
+    """Indices by value descending, ties by index ascending, for values >= 0: an LSD radix sort (stable) of
+    ``max - value`` over the bytes in which the values differ. (Plain loops: numba's np.argsort costs seconds of
+    compilation.)"""
+    n = values.shape[0]
+    hi = values[0]
+    lo = values[0]
+    for i in range(1, n):
+        v = values[i]
+        if v > hi:
+            hi = v
+        if v < lo:
+            lo = v
+    span = hi - lo
+    order = np.empty(n, np.int64)
+    keys = np.empty(n, np.int64)
+    for i in range(n):
+        order[i] = i
+        keys[i] = hi - values[i]
+    if span == 0:
+        return order
+    order_tmp = np.empty(n, np.int64)
+    keys_tmp = np.empty(n, np.int64)
+    counts = np.empty(257, np.int64)
+    shift = 0
+    while shift < 64 and (span >> shift) != 0:
+        for d in range(257):
+            counts[d] = 0
+        for i in range(n):
+            counts[((keys[i] >> shift) & 255) + 1] += 1
+        for d in range(256):
+            counts[d + 1] += counts[d]
+        for i in range(n):
+            d = (keys[i] >> shift) & 255
+            p = counts[d]
+            counts[d] = p + 1
+            order_tmp[p] = order[i]
+            keys_tmp[p] = keys[i]
+        order, order_tmp = order_tmp, order
+        keys, keys_tmp = keys_tmp, keys
+        shift += 8
+    return order
+
+
+@numba.njit(**_JIT)
+def _filled(n, value):
+    out = np.empty(n, np.int64)
+    for i in range(n):
+        out[i] = value
+    return out
+
+
+@numba.njit(**_JIT)
+def _last_at_most(sorted_values, v):
+    """The last position of an ascending array whose value is <= v (-1 when none)."""
+    lo = 0
+    hi = sorted_values.shape[0]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if sorted_values[mid] <= v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
 
 
 @numba.njit(**_JIT)
@@ -83,7 +154,7 @@ def _csr_from_placement(order, placed_bin, bin_len, nbins):
         b = placed_bin[t]
         items[fill[b]] = order[t]
         fill[b] += 1
-    return ptr, items, bin_len[:nbins].copy()
+    return ptr, items, bin_len[:nbins].copy() if bin_len.shape[0] != nbins else bin_len
 
 
 # A multi-level bitset of int64 words over [0, universe): level 0 holds one bit per value, level l+1 one bit per
@@ -110,6 +181,11 @@ def _bitset_new(universe):
         offs[lev + 1] = offs[lev] + w
         s = w
     return np.zeros(offs[nlev], np.int64), offs
+
+
+@numba.njit(**_JIT, inline="always")
+def _bitset_test(bits, x):
+    return (bits[x >> 6] >> (x & 63)) & 1 != 0
 
 
 @numba.njit(**_JIT, inline="always")
@@ -169,17 +245,17 @@ def _bitset_next(bits, offs, x):
 
 
 @numba.njit(**_JIT)
-def _bfd_counting(lengths, capacity):
+def _bfd_counting(lengths, capacity, proto):
     """BFD with a counting sort, a bitset over free-space values and a FIFO queue of bins per free-space value
-    (intrusive linked lists: head/tail per value, next per bin). Memory O(n + capacity)."""
+    (intrusive linked lists: head/tail per value, next per bin; head/tail are read only where the bitset says the
+    value is held). Memory O(n + capacity)."""
     n = lengths.shape[0]
-    order, ends = _order_counting(lengths, capacity)
+    order, ends = _order_counting(lengths, capacity, proto)
     bits, offs = _bitset_new(capacity)
-    head = np.full(capacity, -1, np.int64)
-    tail = np.empty(capacity, np.int64)
-    nxt = np.empty(n, np.int64)
-    placed_bin = np.empty(n, np.int64)
-    bin_len = np.zeros(n, np.int64)
+    head = np.empty(capacity, proto.dtype)
+    tail = np.empty(capacity, proto.dtype)
+    nxt = np.empty(n, proto.dtype)
+    placed_bin = np.empty(n, proto.dtype)
     nbins = 0
     t = 0
     # Walking the runs of equal length (rather than reading lengths[order[t]]) keeps the size off the critical path.
@@ -190,33 +266,41 @@ def _bfd_counting(lengths, capacity):
             if f < 0:
                 b = nbins
                 nbins += 1
-                space = capacity
+                left = capacity - size
             else:
                 b = head[f]
-                h = nxt[b]
-                head[f] = h
-                if h < 0:
+                if b == tail[f]:
                     _bitset_clear(bits, offs, f)
-                space = f
+                else:
+                    head[f] = nxt[b]
+                left = f - size
             placed_bin[t] = b
-            bin_len[b] += size
-            left = space - size
             if left > 0:
-                nxt[b] = -1
-                if head[left] < 0:
+                if _bitset_test(bits, left):
+                    nxt[tail[left]] = b
+                else:
                     head[left] = b
                     _bitset_set(bits, offs, left)
-                else:
-                    nxt[tail[left]] = b
                 tail[left] = b
             t += 1
+    # A bin is full unless it waits in a free-space queue.
+    bin_len = _filled(nbins, capacity)
+    v = _bitset_next(bits, offs, 1) if capacity > 1 else -1
+    while v >= 0:
+        b = head[v]
+        while True:
+            bin_len[b] = capacity - v
+            if b == tail[v]:
+                break
+            b = nxt[b]
+        v = _bitset_next(bits, offs, v + 1) if v + 1 < capacity else -1
     return _csr_from_placement(order, placed_bin, bin_len, nbins)
 
 
 # Pairing heaps of bins keyed by (free space, arrival number): the arrival number makes equal free spaces FIFO.
 
 
-@numba.njit(**_JIT, inline="always")
+@numba.njit(**_JIT)
 def _ph_meld(a, b, key, seq, child, sib):
     if key[b] < key[a] or (key[b] == key[a] and seq[b] < seq[a]):
         a, b = b, a
@@ -280,7 +364,7 @@ def _bfd_sorted(lengths, capacity):
     uniq = uniq[:d]
     smallest = uniq[0]
     bits, offs = _bitset_new(d)
-    root = np.full(d, -1, np.int64)
+    root = _filled(d, -1)
     key = np.empty(n, np.int64)
     seq = np.empty(n, np.int64)
     child = np.empty(n, np.int64)
@@ -307,7 +391,7 @@ def _bfd_sorted(lengths, capacity):
         bin_len[b] += size
         left = space - size
         if left >= smallest:
-            gl = np.searchsorted(uniq, left, side="right") - 1
+            gl = _last_at_most(uniq, left)
             key[b] = left
             seq[b] = arrivals
             arrivals += 1
@@ -325,7 +409,7 @@ def pack_bfd(lengths: np.ndarray, capacity: int):
     """Best-fit decreasing, identical to ``_python.pack_bfd``."""
     capacity = int(capacity)
     if _use_counting(lengths.shape[0], capacity):
-        return _bfd_counting(lengths, capacity)
+        return _bfd_counting(lengths, capacity, _index_proto(lengths.shape[0]))
     return _bfd_sorted(lengths, capacity)
 
 
@@ -336,15 +420,28 @@ def pack_bfd(lengths: np.ndarray, capacity: int):
 
 @numba.njit(**_JIT)
 def _ffd(lengths, capacity, counting):
-    """FFD: a max segment tree over bin slots (unopened slots hold ``capacity``), leftmost slot that fits."""
+    """FFD: a max segment tree over bin slots (unopened slots hold ``capacity``), leftmost slot that fits.
+
+    First fit leaves at most one bin at most half full (a later such bin's items would have fitted the earlier one),
+    so it opens at most 2 * sum / capacity + 1 bins: the tree needs only that many slots, and finds the same bins.
+    """
     n = lengths.shape[0]
-    order = _order_counting(lengths, capacity)[0] if counting else _order_sorted(lengths)
+    order = _order_counting(lengths, capacity, _I64_PROTO)[0] if counting else _order_sorted(lengths)
+    total = 0
+    max_bins = 0
+    for i in range(n):
+        v = lengths[i]
+        if total > _I64_MAX - v:
+            max_bins = n  # the sum overflows int64: no bound below n
+            break
+        total += v
+    if max_bins == 0:
+        max_bins = min(n, 2 * (total // capacity) + 2)
     leaves = 1
-    while leaves < n:
+    while leaves < max_bins:
         leaves *= 2
-    tree = np.full(2 * leaves, capacity, np.int64)
+    tree = _filled(2 * leaves, capacity)
     placed_bin = np.empty(n, np.int64)
-    bin_len = np.zeros(n, np.int64)
     nbins = 0
     for t in range(n):
         size = lengths[order[t]]
@@ -355,7 +452,6 @@ def _ffd(lengths, capacity, counting):
         if b == nbins:
             nbins += 1
         placed_bin[t] = b
-        bin_len[b] += size
         tree[node] -= size
         node >>= 1
         while node:
@@ -366,6 +462,9 @@ def _ffd(lengths, capacity, counting):
                 break  # ancestors already hold the right maxima
             tree[node] = best
             node >>= 1
+    bin_len = np.empty(nbins, np.int64)
+    for b in range(nbins):
+        bin_len[b] = capacity - tree[leaves + b]
     return _csr_from_placement(order, placed_bin, bin_len, nbins)
 
 
@@ -380,7 +479,7 @@ def pack_ffd(lengths: np.ndarray, capacity: int):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@numba.njit(**_JIT, inline="always")
+@numba.njit(**_JIT)
 def _rank_at_most(val, table, v):
     """The first rank (distinct values, descending) whose value is <= v; len(val) when none."""
     if v < 0:
@@ -405,7 +504,7 @@ def _exact_fit(lengths, capacity, counting):
     grows, so a pointer tracks it. With ``counting`` a table maps every length to its rank in O(1); otherwise a
     binary search does (memory O(n) for any capacity)."""
     n = lengths.shape[0]
-    order = _order_counting(lengths, capacity)[0] if counting else _order_sorted(lengths)
+    order = _order_counting(lengths, capacity, _I64_PROTO)[0] if counting else _order_sorted(lengths)
     val = np.empty(n, np.int64)
     pos = np.empty(n, np.int64)
     remaining = np.zeros(n, np.int64)
@@ -487,7 +586,8 @@ def _partition_dc_row(s, prev, cur, arg, k, cap_value, st):
     range, INF cells taking the top of their range; int64 arithmetic wraps exactly as numpy's does."""
     n = s.shape[0]
     inf = INF
-    cur[:] = inf
+    for j in range(n + 1):
+        cur[j] = inf
     st[0, 0] = k
     st[0, 1] = n
     st[0, 2] = k - 1
@@ -541,7 +641,8 @@ def _partition_hull_row(s, prev, cur, arg, k, intercept, dq):
     replace the back line, the front moves on only to a strictly lower line, and a middle line that is never
     strictly lowest is dropped (the smaller index wins where it ties)."""
     n = s.shape[0]
-    cur[:k] = INF
+    for j in range(k):
+        cur[j] = INF
     for i in range(k - 1, n):
         intercept[i] = prev[i] - s[i] * i
     h = 0
@@ -587,7 +688,7 @@ def _partition(lengths, num_batches, cap, allow_hull):
     n = s.shape[0]
     inf = INF
     cap_value = inf if cap == 0 else cap
-    prev = np.full(n + 1, inf, np.int64)
+    prev = _filled(n + 1, inf)
     for j in range(1, n + 1):
         single = s[0] * j
         prev[j] = single if single <= cap_value else inf
@@ -634,7 +735,7 @@ def partition_padded(lengths: np.ndarray, num_batches: int, cap: int):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@numba.njit(**_JIT, inline="always")
+@numba.njit(**_JIT)
 def _pair_less(a1, a2, b1, b2):
     return a1 < b1 or (a1 == b1 and a2 < b2)
 
@@ -693,7 +794,7 @@ def _lpt(costs, order, k, equal_count):
     part_of = np.empty(n, np.int64)
     counts = np.zeros(k, np.int64)
     h_load = np.zeros(k, np.int64)
-    h_part = np.arange(k).astype(np.int64)
+    h_part = np.arange(k)
     h_pay = np.zeros(k, np.int64)
     size = k  # (0, p) for p ascending is already a heap
     big = 0
@@ -719,123 +820,103 @@ def _lpt(costs, order, k, equal_count):
 
 
 @numba.njit(**_JIT)
-def _stable_rank_desc(values, rank, buf):
+def _stable_rank_desc(values, rank):
     """rank = indices of values sorted descending, ties in index order (stable)."""
     k = values.shape[0]
+    if k > 64:
+        sorted_rank = _order_sorted(values)
+        for i in range(k):
+            rank[i] = sorted_rank[i]
+        return
     for i in range(k):
         rank[i] = i
-    if k <= 64:
-        for i in range(1, k):
-            x = rank[i]
-            j = i - 1
-            while j >= 0 and values[rank[j]] < values[x]:
-                rank[j + 1] = rank[j]
-                j -= 1
-            rank[j + 1] = x
-        return
-    width = 1
-    src = rank
-    dst = buf
-    passes = 0
-    while width < k:
-        for lo in range(0, k, 2 * width):
-            mid = min(lo + width, k)
-            hi = min(lo + 2 * width, k)
-            a = lo
-            b = mid
-            o = lo
-            while a < mid and b < hi:
-                if values[src[b]] > values[src[a]]:
-                    dst[o] = src[b]
-                    b += 1
-                else:
-                    dst[o] = src[a]
-                    a += 1
-                o += 1
-            while a < mid:
-                dst[o] = src[a]
-                a += 1
-                o += 1
-            while b < hi:
-                dst[o] = src[b]
-                b += 1
-                o += 1
-        src, dst = dst, src
-        width *= 2
-        passes += 1
-    if passes % 2 == 1:
-        rank[:] = buf
+    for i in range(1, k):
+        x = rank[i]
+        j = i - 1
+        while j >= 0 and values[rank[j]] < values[x]:
+            rank[j + 1] = rank[j]
+            j -= 1
+        rank[j + 1] = x
 
 
 @numba.njit(**_JIT)
 def _karmarkar_karp(costs, order, k, equal_count):
     """The spec's k-way largest differencing; returns the part of each item (part = final subset position) and the
-    largest subset sum. Subsets are linked lists of items (head/tail per state and subset), merged in O(1)."""
+    largest subset sum. State s keeps its k subset sums (descending) at ``sums[s*k:(s+1)*k]`` and its subsets as
+    linked lists of items (head/tail per subset, ``nxt`` per item), so merging two subsets is O(1). A merged state
+    reuses the slot of the first state it consumed; the heap orders states by (spread descending, creation)."""
     n = order.shape[0]
     nstates = (n + k - 1) // k if equal_count else n
-    sums = np.zeros((nstates, k), np.int64)
-    head = np.full((nstates, k), -1, np.int64)
-    tail = np.full((nstates, k), -1, np.int64)
-    nxt = np.full(n, -1, np.int64)
+    sums = np.zeros(nstates * k, np.int64)
+    head = _filled(nstates * k, -1)
+    tail = np.empty(nstates * k, np.int64)  # read only where head >= 0
+    nxt = np.empty(n, np.int64)  # read only before a list's tail
     h_spread = np.empty(nstates, np.int64)
     h_serial = np.empty(nstates, np.int64)
     h_slot = np.empty(nstates, np.int64)
     size = 0
     for s in range(nstates):
+        base = s * k
         if equal_count:
             for i in range(k):
                 t = s * k + i
                 if t < n:
                     idx = order[t]
-                    sums[s, i] = costs[idx]
-                    head[s, i] = idx
-                    tail[s, i] = idx
+                    sums[base + i] = costs[idx]
+                    head[base + i] = idx
+                    tail[base + i] = idx
         else:
             idx = order[s]
-            sums[s, 0] = costs[idx]
-            head[s, 0] = idx
-            tail[s, 0] = idx
-        size = _heap_push(h_spread, h_serial, h_slot, size, -(sums[s, 0] - sums[s, k - 1]), s, s)
+            sums[base] = costs[idx]
+            head[base] = idx
+            tail[base] = idx
+        size = _heap_push(h_spread, h_serial, h_slot, size, -(sums[base] - sums[base + k - 1]), s, s)
     serial = nstates
     m_sum = np.empty(k, np.int64)
     m_head = np.empty(k, np.int64)
     m_tail = np.empty(k, np.int64)
     rank = np.empty(k, np.int64)
-    buf = np.empty(k, np.int64)
     while size > 1:
-        a = h_slot[0]
+        a = h_slot[0] * k
         size = _heap_pop(h_spread, h_serial, h_slot, size)
-        b = h_slot[0]
+        b = h_slot[0] * k
         size = _heap_pop(h_spread, h_serial, h_slot, size)
         for i in range(k):
-            j = k - 1 - i
-            m_sum[i] = sums[a, i] + sums[b, j]
-            ha, ta, hb, tb = head[a, i], tail[a, i], head[b, j], tail[b, j]
+            j = b + k - 1 - i
+            m_sum[i] = sums[a + i] + sums[j]
+            ha = head[a + i]
+            hb = head[j]
             if ha < 0:
                 m_head[i] = hb
-                m_tail[i] = tb
+                m_tail[i] = tail[j]
             elif hb < 0:
                 m_head[i] = ha
-                m_tail[i] = ta
+                m_tail[i] = tail[a + i]
             else:
-                nxt[ta] = hb
+                nxt[tail[a + i]] = hb
                 m_head[i] = ha
-                m_tail[i] = tb
-        _stable_rank_desc(m_sum, rank, buf)
+                m_tail[i] = tail[j]
+        _stable_rank_desc(m_sum, rank)
         for i in range(k):
-            sums[a, i] = m_sum[rank[i]]
-            head[a, i] = m_head[rank[i]]
-            tail[a, i] = m_tail[rank[i]]
-        size = _heap_push(h_spread, h_serial, h_slot, size, -(sums[a, 0] - sums[a, k - 1]), serial, a)
+            r = rank[i]
+            sums[a + i] = m_sum[r]
+            head[a + i] = m_head[r]
+            tail[a + i] = m_tail[r]
+        size = _heap_push(h_spread, h_serial, h_slot, size, -(sums[a] - sums[a + k - 1]), serial, a // k)
         serial += 1
-    last = h_slot[0]
+    last = h_slot[0] * k
     part_of = np.empty(n, np.int64)
     for i in range(k):
-        x = head[last, i]
-        while x >= 0:
+        x = head[last + i]
+        if x < 0:
+            continue
+        end = tail[last + i]
+        while True:
             part_of[x] = i
+            if x == end:
+                break
             x = nxt[x]
-    return part_of, sums[last, 0]
+    return part_of, sums[last]
 
 
 @numba.njit(**_JIT)
