@@ -131,7 +131,12 @@ def _check_capacity(capacity: Any) -> int:
 
 
 def _list_column(table, name: str, *, allow_bool: bool = False):
-    """(offsets int64 numpy [n+1], lengths int64 numpy [n], flat values numpy, arrow value type) of a list column."""
+    """Read a list column without copying its values: ``(starts, lengths, values_fn, value_type)``.
+
+    ``starts``/``lengths`` (int64 numpy, one per row) locate row ``i`` at ``values[starts[i] : starts[i] +
+    lengths[i]]`` in the flat array that ``values_fn()`` returns: the column's own values buffer when it has one
+    chunk, else the concatenation of its chunks' values (built only when called, so one column at a time is copied).
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -147,14 +152,38 @@ def _list_column(table, name: str, *, allow_bool: bool = False):
     if not (pa.types.is_integer(vtype) or (allow_bool and pa.types.is_boolean(vtype))):
         kinds = "integers or booleans" if allow_bool else "integers"
         raise TypeError(f"column {name!r} holds lists of {vtype}; it must hold lists of {kinds}")
-    column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    offsets = column.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
-    values = column.values
-    used = values.slice(int(offsets[0]), int(offsets[-1] - offsets[0])) if len(column) else values.slice(0, 0)
-    if used.null_count:
-        raise ValueError(f"column {name!r} contains null values inside its lists; every token needs a value")
-    return offsets, lengths, values, vtype
+    lengths = np.zeros(len(column), dtype=np.int64)
+    starts = np.zeros(len(column), dtype=np.int64)
+    pieces = []  # (values, first, count) of each chunk's used range of its values buffer
+    row = base = 0
+    for chunk in column.chunks:  # a loop over arrow chunks (about one per 1000 rows), not over samples
+        n = len(chunk)
+        if n == 0:
+            continue
+        offsets = chunk.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+        first, count = int(offsets[0]), int(offsets[-1] - offsets[0])
+        starts[row : row + n] = offsets[:-1] - first + base
+        lengths[row : row + n] = pc.list_value_length(chunk).fill_null(0).to_numpy(zero_copy_only=False)
+        used = chunk.values.slice(first, count)
+        if used.null_count:
+            raise ValueError(f"column {name!r} contains null values inside its lists; every token needs a value")
+        pieces.append((chunk.values, first, count))
+        row += n
+        base += count
+    if len(pieces) == 1:
+        values, first, _ = pieces[0]
+        starts += first
+
+        def values_fn():
+            return values
+    else:
+
+        def values_fn():
+            if not pieces:
+                return pa.array([], type=vtype)
+            return pa.concat_arrays([v.slice(f, c) for v, f, c in pieces])
+
+    return starts, lengths, values_fn, vtype
 
 
 # "listview": arrow's take over a list-view of the samples (a block copy per sample); "numpy": an element gather.
@@ -286,11 +315,11 @@ def build_packed_dataset(
 
     start_time = time.perf_counter()
     table, label_source = _read_columns(dataset)
-    ids_off, lengths, ids_values, ids_type = _list_column(table, "input_ids")
+    ids_starts, lengths, ids_values, ids_type = _list_column(table, "input_ids")
     n_input = int(lengths.shape[0])
     lab = None
     if label_source is not None:
-        lab_off, lab_lengths, lab_values, lab_type = _list_column(table, label_source,
+        lab_starts, lab_lengths, lab_values, lab_type = _list_column(table, label_source,
                                                                   allow_bool=label_source == "assistant_masks")
         bad = np.flatnonzero(lab_lengths != lengths)
         if bad.size:
@@ -298,7 +327,7 @@ def build_packed_dataset(
             raise ValueError(f"row {i}: {label_source} has {int(lab_lengths[i])} values but input_ids has "
                              f"{int(lengths[i])} tokens ({bad.size} rows differ); each row's {label_source} must "
                              "match its input_ids token for token")
-        lab = (lab_off, lab_values, lab_type)
+        lab = (lab_starts, lab_values, lab_type)
 
     # Which input rows survive, and as which samples (start offset into the flat values, length).
     empty = lengths == 0
@@ -347,43 +376,50 @@ def build_packed_dataset(
     n_tokens = int(tok_off[-1])
 
     label_type = None
-    gather_lab = None
-    gather_ids = _make_gather(ids_values, ids_off[:-1][src] + piece_offset, sample_len)
     if lab is not None:
-        lab_off, lab_values, label_type = lab
-        gather_lab = _make_gather(lab_values, lab_off[:-1][src] + piece_offset, sample_len)
+        label_type = lab[2]
         if label_source == "assistant_masks":
             label_type = ids_type if pa.types.is_signed_integer(ids_type) else pa.int64()
 
     # Rows are assembled in chunks of about chunk_tokens tokens: each chunk gathers its samples' tokens (in row
-    # order) from the flat values and becomes one arrow chunk of the output columns.
+    # order) from the flat values and becomes one arrow chunk of the output columns. Columns go one after the
+    # other, so only one input column is ever materialised as a flat copy.
     row_tok = tok_off[bin_ptr]
     n_chunks = max(1, math.ceil(n_tokens / chunk_tokens))
     row_bounds = np.unique(np.concatenate([
         [0, n_rows], np.searchsorted(row_tok, np.linspace(0, n_tokens, n_chunks + 1), side="left")]))
+    spans = list(zip(row_bounds[:-1].tolist(), row_bounds[1:].tolist()))
     large = n_rows > 0 and int(np.diff(row_tok[row_bounds]).max()) > _INT32_MAX
     list_cls, list_type, off_type = ((pa.LargeListArray, pa.large_list, pa.int64()) if large
                                      else (pa.ListArray, pa.list_, pa.int32()))
-    show = progress if progress is not None else (row_bounds.shape[0] > 2 and get_rank() == 0)
-    ids_chunks, lab_chunks = [], []
+    offsets = [pa.array(row_tok[r0 : r1 + 1] - row_tok[r0], type=off_type) for r0, r1 in spans]
+    show = progress if progress is not None else (len(spans) > 1 and get_rank() == 0)
     from tqdm.auto import tqdm
 
-    with tqdm(total=n_tokens, desc="packing rows", unit="tok", unit_scale=True, disable=not show) as bar:
-        for r0, r1 in zip(row_bounds[:-1].tolist(), row_bounds[1:].tolist()):
-            samples = order[bin_ptr[r0] : bin_ptr[r1]]
-            offsets = pa.array(row_tok[r0 : r1 + 1] - row_tok[r0], type=off_type)
-            flat_ids = gather_ids(samples)
-            ids_chunks.append(list_cls.from_arrays(offsets, flat_ids))
-            if label_source == "labels":
-                lab_chunks.append(list_cls.from_arrays(offsets, gather_lab(samples)))
-            elif label_source == "assistant_masks":
-                mask = gather_lab(samples).to_numpy(zero_copy_only=False)
-                values = np.where(mask != 0, flat_ids.to_numpy(zero_copy_only=False), -100)
-                lab_chunks.append(list_cls.from_arrays(offsets, pa.array(values, type=label_type)))
-            bar.update(int(row_tok[r1] - row_tok[r0]))
-    input_ids = pa.chunked_array(ids_chunks, type=list_type(ids_type))
-    # Without a label column, labels = input_ids: arrow arrays are immutable, so both columns share the buffers.
-    labels = input_ids if label_type is None else pa.chunked_array(lab_chunks, type=list_type(label_type))
+    columns = [(ids_starts, ids_values)] + ([lab[:2]] if lab is not None else [])
+    with tqdm(total=n_tokens * len(columns), desc="packing rows", unit="tok", unit_scale=True,
+              disable=not show) as bar:
+
+        def gather_column(starts, values_fn):
+            gather = _make_gather(values_fn(), starts[src] + piece_offset, sample_len)
+            out = []
+            for r0, r1 in spans:
+                out.append(gather(order[bin_ptr[r0] : bin_ptr[r1]]))
+                bar.update(int(row_tok[r1] - row_tok[r0]))
+            return out
+
+        flat_ids = gather_column(*columns[0])
+        flat_lab = gather_column(*columns[1]) if lab is not None else None
+    input_ids = pa.chunked_array([list_cls.from_arrays(o, v) for o, v in zip(offsets, flat_ids)],
+                                 type=list_type(ids_type))
+    if label_source is None:
+        labels = input_ids  # arrow arrays are immutable: both columns share the buffers
+    else:
+        if label_source == "assistant_masks":
+            flat_lab = [pa.array(np.where(m.to_numpy(zero_copy_only=False) != 0, v.to_numpy(zero_copy_only=False),
+                                          -100), type=label_type) for m, v in zip(flat_lab, flat_ids)]
+        labels = pa.chunked_array([list_cls.from_arrays(o, v) for o, v in zip(offsets, flat_lab)],
+                                  type=list_type(label_type))
     seq_lengths = pa.ListArray.from_arrays(pa.array(bin_ptr, type=pa.int32()),
                                            pa.array(lens_o, type=pa.int32()))
     packed = pa.Table.from_arrays([input_ids, labels, seq_lengths], names=["input_ids", "labels", "seq_lengths"])
