@@ -55,7 +55,8 @@ def native_extensions():
     sources = sorted(str(Path(p).as_posix()) for p in glob("csrc/*.cpp"))
     if not sources:
         return []
-    compile_args = ["-O3"]
+    headers = sorted(str(Path(p).as_posix()) for p in glob("csrc/*.hpp"))
+    compile_args = ["/O2"] if sys.platform == "win32" else ["-O3"]
     link_args = []
     if SANITIZE:
         flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
@@ -66,6 +67,7 @@ def native_extensions():
             "opensloth._native",
             sources,
             include_dirs=["csrc"],
+            depends=headers,
             cxx_std=17,
             define_macros=[("OPENSLOTH_VERSION", f'"{VERSION}"')],
             extra_compile_args=compile_args,
