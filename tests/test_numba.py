@@ -89,8 +89,8 @@ def test_both_code_paths_agree_with_the_spec_at_small_capacity(seed):
     want_ffd = spec.pack_ffd(lengths, capacity)
     want_exact = spec.pack_exact_fit(lengths, capacity)
     for counting in (True, False):
-        assert_same(nb._ffd(lengths, capacity, counting), want_ffd)
-        assert_same(nb._exact_fit(lengths, capacity, counting), want_exact)
+        assert_same(nb._pack_ffd(lengths, capacity, counting), want_ffd)
+        assert_same(nb._pack_exact_fit(lengths, capacity, counting), want_exact)
 
 
 @pytest.mark.parametrize("value", [1, 2, 3, 2048, 4096])

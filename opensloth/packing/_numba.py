@@ -43,6 +43,13 @@ def _index_proto(n: int) -> np.ndarray:
     return _I32_PROTO if n < 2**31 - 1 else _I64_PROTO
 
 
+def _order(lengths: np.ndarray, capacity: int, counting: bool) -> np.ndarray:
+    """The descending order (length descending, index ascending) by counting sort or by radix sort."""
+    if counting:
+        return _order_counting(lengths, capacity, _index_proto(lengths.shape[0]))[0]
+    return _order_sorted(lengths)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------------------------------
@@ -419,14 +426,13 @@ def pack_bfd(lengths: np.ndarray, capacity: int):
 
 
 @numba.njit(**_JIT)
-def _ffd(lengths, capacity, counting):
+def _ffd(lengths, capacity, order):
     """FFD: a max segment tree over bin slots (unopened slots hold ``capacity``), leftmost slot that fits.
 
     First fit leaves at most one bin at most half full (a later such bin's items would have fitted the earlier one),
     so it opens at most 2 * sum / capacity + 1 bins: the tree needs only that many slots, and finds the same bins.
     """
     n = lengths.shape[0]
-    order = _order_counting(lengths, capacity, _I64_PROTO)[0] if counting else _order_sorted(lengths)
     total = 0
     max_bins = 0
     for i in range(n):
@@ -441,7 +447,7 @@ def _ffd(lengths, capacity, counting):
     while leaves < max_bins:
         leaves *= 2
     tree = _filled(2 * leaves, capacity)
-    placed_bin = np.empty(n, np.int64)
+    placed_bin = np.empty(n, order.dtype)
     nbins = 0
     for t in range(n):
         size = lengths[order[t]]
@@ -471,7 +477,11 @@ def _ffd(lengths, capacity, counting):
 def pack_ffd(lengths: np.ndarray, capacity: int):
     """First-fit decreasing, identical to ``_python.pack_ffd``."""
     capacity = int(capacity)
-    return _ffd(lengths, capacity, _use_counting(lengths.shape[0], capacity))
+    return _pack_ffd(lengths, capacity, _use_counting(lengths.shape[0], capacity))
+
+
+def _pack_ffd(lengths: np.ndarray, capacity: int, counting: bool):
+    return _ffd(lengths, capacity, _order(lengths, capacity, counting))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -498,13 +508,12 @@ def _rank_at_most(val, table, v):
 
 
 @numba.njit(**_JIT)
-def _exact_fit(lengths, capacity, counting):
+def _exact_fit(lengths, capacity, order, counting):
     """The spec's exact fit over the distinct lengths ("ranks", longest first): a bitset of ranks that still have
     items answers "longest remaining length <= limit" and "longest remaining"; the shortest remaining only ever
     grows, so a pointer tracks it. With ``counting`` a table maps every length to its rank in O(1); otherwise a
     binary search does (memory O(n) for any capacity)."""
     n = lengths.shape[0]
-    order = _order_counting(lengths, capacity, _I64_PROTO)[0] if counting else _order_sorted(lengths)
     val = np.empty(n, np.int64)
     pos = np.empty(n, np.int64)
     remaining = np.zeros(n, np.int64)
@@ -572,7 +581,11 @@ def _exact_fit(lengths, capacity, counting):
 def pack_exact_fit(lengths: np.ndarray, capacity: int):
     """Exact fit, identical to ``_python.pack_exact_fit``."""
     capacity = int(capacity)
-    return _exact_fit(lengths, capacity, _use_counting(lengths.shape[0], capacity))
+    return _pack_exact_fit(lengths, capacity, _use_counting(lengths.shape[0], capacity))
+
+
+def _pack_exact_fit(lengths: np.ndarray, capacity: int, counting: bool):
+    return _exact_fit(lengths, capacity, _order(lengths, capacity, counting), counting)
 
 
 # ---------------------------------------------------------------------------------------------------------------
