@@ -109,6 +109,7 @@ def test_unknown_strategy(backend):
         ([4, 9], 1, 8, r"lengths\[1\] = 9 exceeds max_tokens_per_batch 8.*single sample must fit"),
         ([4, 4, 4], 1, 8, r"no split of 3 items into 1 batches.*max_tokens_per_batch = 8"),
         ([1, 2], 1, 0, r"max_tokens_per_batch = 0 must be a positive integer"),
+        ([2**61] * 3, 1, None, r"lengths\[0\] = 2305843009213693952 exceeds 1537228672809129301.*below 2\*\*62"),
     ],
 )
 def test_partition_padded_rejects_bad_input(backend, lengths, k, cap, pattern):

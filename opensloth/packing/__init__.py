@@ -337,6 +337,14 @@ def partition_padded(
     cap = None if max_tokens_per_batch is None else _as_positive_int(max_tokens_per_batch, "max_tokens_per_batch")
     arr = _as_int64(lengths, "lengths", low=1, high=cap, high_name="max_tokens_per_batch",
                     fix="; a single sample must fit in one batch")
+    # Every padded cost is at most longest x count, which must stay below the DP's INF (2**62) for exact int64.
+    limit = ((1 << 62) - 1) // arr.shape[0]
+    if int(arr.max()) > limit:
+        i = int(np.argmax(arr > limit))
+        raise ValueError(
+            f"lengths[{i}] = {arr[i]} exceeds {limit}: with {arr.shape[0]} items the padded size (longest x count) "
+            "must stay below 2**62 for exact int64 arithmetic; pass lengths in smaller units"
+        )
     if num_batches > arr.shape[0]:
         raise ValueError(
             f"num_batches = {num_batches} exceeds the number of items {arr.shape[0]}; every batch must be non-empty, "
