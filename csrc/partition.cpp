@@ -92,7 +92,8 @@ PartitionResult partition_impl(const int64_t* lengths, int64_t n, int64_t num_ba
         prev[static_cast<size_t>(j)] = single <= cap_value ? single : kInf;
     }
     // argmins[(k - 2) * width + j]: start of the last batch in the best split of the first j items into k batches.
-    std::vector<Arg> argmins(static_cast<size_t>(num_batches - 1) * width, 0);
+    // Row k writes every j in [k, n] and the backtrack reads only those, so the buffer needs no initialisation.
+    detail::Scratch<Arg> argmins(0, static_cast<size_t>(num_batches - 1) * width);
     // Without a binding cap and with s[0] * n < INF, every cell is finite, no product wraps, and the matrix
     // f[k-1][i] + s[i] * (j - i) is Monge, so the smallest minimising i is non-decreasing in j and the spec's
     // divide and conquer finds exactly the global smallest argmin at every cell. The lines
@@ -112,7 +113,7 @@ PartitionResult partition_impl(const int64_t* lengths, int64_t n, int64_t num_ba
 
     for (int64_t k = 2; k <= num_batches; ++k) {
         std::fill(cur.begin(), cur.end(), kInf);
-        Arg* arg = argmins.data() + static_cast<size_t>(k - 2) * width;
+        Arg* arg = argmins.get() + static_cast<size_t>(k - 2) * width;
         const int64_t* base = prev.data();
 #if defined(OPENSLOTH_HULL)
         if (monge) {
