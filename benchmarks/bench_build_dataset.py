@@ -2,7 +2,7 @@
 
 Data: every shared chat dataset (../shared/data) tokenised with the Qwen3 chat template (labels hide a random prefix
 of each sample, so both builders carry two token columns), all of them together, and that set replicated to
---replicate-rows rows. For each dataset and capacity: build time (best of --repeats), rows, rows over the lower
+--replicate-rows rows. For each dataset and capacity: build time (best of several runs), rows, rows over the lower
 bound ceil(tokens / capacity), and speed ratios against TRL as users run it (1000-row map batches, its default) and
 TRL over the whole dataset in one batch (the same BFD as ours: the rows must be identical, checked every time).
 
@@ -62,17 +62,21 @@ def tokenised_datasets(replicate_rows: int):
     return out
 
 
-def best_times(fns, repeats: int):
-    """Best wall time and last result of each function, run round-robin so that load from other processes on a
-    shared machine falls on all of them alike."""
-    best, results = [float("inf")] * len(fns), [None] * len(fns)
-    for _ in range(repeats):
+def best_times(fns, rounds: int, inner: int):
+    """Best wall and best CPU (process) time, and the last result, of each function. In each of ``rounds`` rounds
+    every function runs ``inner`` times in a row (timeit-style: warm caches for whichever runs), the functions
+    taking turns between rounds so that load from other processes on a shared machine falls on all of them alike.
+    CPU time is the steadier figure there (every builder here runs on one thread)."""
+    wall, cpu, results = [float("inf")] * len(fns), [float("inf")] * len(fns), [None] * len(fns)
+    for _ in range(rounds):
         for i, fn in enumerate(fns):
-            gc.collect()
-            t0 = time.perf_counter()
-            results[i] = fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best, results
+            for _ in range(inner):
+                gc.collect()
+                w0, c0 = time.perf_counter(), time.process_time()
+                results[i] = fn()
+                wall[i] = min(wall[i], time.perf_counter() - w0)
+                cpu[i] = min(cpu[i], time.process_time() - c0)
+    return wall, cpu, results
 
 
 def row_layout(ds):
@@ -90,8 +94,10 @@ def same_rows(a, b) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--capacities", type=int, nargs="+", default=[2048, 4096, 8192])
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="timed runs per builder, the best counts (at most 3 on sets over 50k rows)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of timed runs, builders taking turns (at most 3 on sets over 50k rows)")
+    parser.add_argument("--inner", type=int, default=3,
+                        help="consecutive runs of each builder per round (1 on sets over 50k rows)")
     parser.add_argument("--replicate-rows", type=int, default=100_000,
                         help="rows of the replicated set (0: none)")
     parser.add_argument("--backend", default=None, help="packing backend for ours (default: OPENSLOTH_BACKEND/auto)")
@@ -114,37 +120,45 @@ def main() -> None:
     for name, ds in data.items():
         lengths = np.asarray(ds.with_format("arrow")[:].column("input_ids").combine_chunks().value_lengths())
         for cap in args.capacities:
-            repeats = args.repeats if len(ds) <= 50_000 else min(args.repeats, 3)
-            (ours_s, trl_s, whole_s), ((ours, stats), trl, whole) = best_times([
+            big = len(ds) > 50_000
+            wall, cpu, ((ours, stats), trl, whole) = best_times([
                 lambda ds=ds, cap=cap: build_packed_dataset(ds, cap, backend=backend, return_stats=True,
                                                             progress=False),
                 lambda ds=ds, cap=cap: pack_dataset(ds, cap, strategy="bfd"),
                 lambda ds=ds, cap=cap: pack_dataset(ds, cap, strategy="bfd", map_kwargs={"batch_size": len(ds)}),
-            ], repeats)
+            ], min(args.rounds, 3) if big else args.rounds, 1 if big else args.inner)
             kept = int(np.minimum(lengths, cap).sum())
             bound = -(-kept // cap)
             identical = same_rows(ours, whole)
             assert stats.n_tokens == kept and stats.lower_bound == bound
+
+            def ms(i, wall=wall, cpu=cpu):
+                return f"{wall[i] * 1e3:.1f} / {cpu[i] * 1e3:.1f}"
+
+            def ratio(i, wall=wall, cpu=cpu):
+                return f"{wall[i] / wall[0]:.1f}x / {cpu[i] / cpu[0]:.1f}x"
+
             rows.append([
-                name, len(ds), cap, int((lengths > cap).sum()),
-                f"{ours_s * 1e3:.1f}", f"{trl_s * 1e3:.0f}", f"{whole_s * 1e3:.0f}",
-                f"{trl_s / ours_s:.1f}x", f"{whole_s / ours_s:.1f}x",
+                name, len(ds), cap, int((lengths > cap).sum()), ms(0), ms(1), ms(2), ratio(1), ratio(2),
                 len(ours), f"+{len(ours) - bound}", f"+{len(trl) - bound}", f"+{len(whole) - bound}",
                 "yes" if identical else "NO",
             ])
             print(" | ".join(str(v) for v in rows[-1]), flush=True)
 
-    header = ["dataset", "samples", "capacity", "overlong (truncated)", "ours ms", "TRL ms (1000-row batches)",
-              "TRL ms (whole dataset)", "speed-up vs TRL", "speed-up vs TRL whole", "rows (ours)",
+    header = ["dataset", "samples", "capacity", "overlong (truncated)", "ours ms wall / cpu",
+              "TRL ms (1000-row batches) wall / cpu", "TRL ms (whole dataset) wall / cpu",
+              "speed-up vs TRL wall / cpu", "speed-up vs TRL whole wall / cpu", "rows (ours)",
               "ours over bound", "TRL over bound", "TRL whole over bound", "rows identical to TRL whole"]
     table = markdown_table(header, rows)
     notes = (
         f"Ours: `build_packed_dataset(ds, capacity)` (overlong='truncate', BFD over the whole dataset, backend "
         f"`{backend}`). TRL: `pack_dataset(ds, capacity, strategy='bfd')` (its default 1000-row map batches), and "
         "with `map_kwargs={'batch_size': len(ds)}` (one batch: the same BFD as ours). Times are the best of "
-        f"{args.repeats} runs ({min(args.repeats, 3)} on sets over 50k rows), the three builders taking turns, on "
-        "in-memory datasets with columns input_ids and labels, including reading the "
-        "columns and building the output Dataset. 'over bound' = rows - ceil(tokens / capacity). 'identical' "
+        f"{args.rounds} rounds x {args.inner} consecutive runs per builder ({min(args.rounds, 3)} x 1 on sets over "
+        "50k rows), the builders taking turns between rounds, on in-memory datasets with columns input_ids and "
+        "labels, including reading the columns and building the output Dataset; wall = elapsed time, cpu = this "
+        "process's CPU time (steadier when other processes share the cores). 'over bound' = rows - ceil(tokens / "
+        "capacity). 'identical' "
         "compares every row's tokens and seq_lengths with TRL over the whole dataset."
     )
     print(table)

@@ -238,6 +238,13 @@ def test_empty_samples_are_dropped_and_counted():
     assert Counter(unpack(packed, 8)) == Counter(expected_samples(ids, labs, 8, "truncate"))
 
 
+def test_null_rows_count_as_empty():
+    ds = datasets.Dataset.from_dict({"input_ids": [[1, 2], None, [3]], "labels": [[5, 6], None, [7]]})
+    packed, stats = build_packed_dataset(ds, 4, return_stats=True)
+    assert stats.n_empty == 1 and stats.n_samples == 2
+    assert rows_of(packed) == [([1, 2, 3], [5, 6, 7], [2, 1])]
+
+
 @pytest.mark.parametrize("policy", ["truncate", "split", "drop"])
 def test_capacity_one(policy):
     ds, ids, labs = make_dataset([1, 3, 1, 2])

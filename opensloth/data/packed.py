@@ -163,7 +163,10 @@ def _list_column(table, name: str, *, allow_bool: bool = False):
         offsets = chunk.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
         first, count = int(offsets[0]), int(offsets[-1] - offsets[0])
         starts[row : row + n] = offsets[:-1] - first + base
-        lengths[row : row + n] = pc.list_value_length(chunk).fill_null(0).to_numpy(zero_copy_only=False)
+        if chunk.null_count:  # a null list counts as empty, whatever its offsets say
+            lengths[row : row + n] = pc.list_value_length(chunk).fill_null(0).to_numpy(zero_copy_only=False)
+        else:
+            lengths[row : row + n] = np.diff(offsets)
         used = chunk.values.slice(first, count)
         if used.null_count:
             raise ValueError(f"column {name!r} contains null values inside its lists; every token needs a value")
