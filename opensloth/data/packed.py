@@ -280,9 +280,10 @@ def build_packed_dataset(
     Returns:
         A ``datasets.Dataset`` with columns ``input_ids``, ``labels`` (raw labels, not boundary-masked; the
         collator masks each sample's first token) and ``seq_lengths`` (int32 per-sample lengths, in order, summing
-        to the row's length). Rows come in the order the packer opened them (fullest first), samples in placement
-        order (longest first). Its ``info.description`` holds the build's ``PackingStats`` as JSON (read them back
-        with ``packing_stats``); with ``return_stats=True``, ``(dataset, stats)``.
+        to the row's length). Rows come in the order the packer opened them, samples in placement order (for
+        bfd/ffd: rows by their longest sample, longest first; samples longest first); shuffle or sample as needed.
+        Its ``info.description`` holds the build's ``PackingStats`` as JSON (read them back with
+        ``packing_stats``); with ``return_stats=True``, ``(dataset, stats)``.
 
     Raises:
         ValueError: no ``input_ids`` column, ``capacity <= 0``, an unknown ``overlong`` or ``strategy``, labels whose
