@@ -85,13 +85,18 @@ def chat_records(shared_data) -> dict[str, list[dict]]:
 
 
 @pytest.fixture(scope="session")
-def shared_token_lengths(chat_records, qwen3_tokenizer) -> dict[str, object]:
-    """Token counts of every shared record under the Qwen3 chat template: name -> int64 numpy array."""
-    import numpy as np
-
+def shared_token_ids(chat_records, qwen3_tokenizer) -> dict[str, list[list[int]]]:
+    """Token ids of every shared record under the Qwen3 chat template: name -> list of id lists (no BOS)."""
     out = {}
     for name, records in chat_records.items():
         texts = [qwen3_tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records]
-        enc = qwen3_tokenizer(texts, add_special_tokens=False)["input_ids"]
-        out[name] = np.asarray([len(ids) for ids in enc], dtype=np.int64)
+        out[name] = qwen3_tokenizer(texts, add_special_tokens=False)["input_ids"]
     return out
+
+
+@pytest.fixture(scope="session")
+def shared_token_lengths(shared_token_ids) -> dict[str, object]:
+    """Token counts of every shared record under the Qwen3 chat template: name -> int64 numpy array."""
+    import numpy as np
+
+    return {name: np.asarray([len(ids) for ids in seqs], dtype=np.int64) for name, seqs in shared_token_ids.items()}

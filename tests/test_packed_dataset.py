@@ -418,12 +418,10 @@ def test_importing_the_module_imports_no_trainer_stack():
 
 
 @pytest.fixture(scope="module")
-def shared_tokenised(chat_records, qwen3_tokenizer):
+def shared_tokenised(shared_token_ids):
     """All shared records, tokenised with the chat template; labels hide a random prefix of each sample (a stand-in
     for the prompt) so labels differ from input_ids."""
-    records = [r for name in sorted(chat_records) for r in chat_records[name]]
-    texts = [qwen3_tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records]
-    ids = qwen3_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = [row for name in sorted(shared_token_ids) for row in shared_token_ids[name]]
     rng = np.random.default_rng(0)
     labels = []
     for row in ids:

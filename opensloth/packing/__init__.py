@@ -312,8 +312,7 @@ def pack_lengths(lengths: Any, capacity: int, *, strategy: str = "bfd", backend:
     arr = _as_int64(lengths, "lengths", low=1, high=capacity, high_name="the capacity",
                     fix="; truncate or split long samples before packing (opensloth.data overlong policies)")
     _, module = _resolve(backend)
-    fn = {"bfd": module.pack_bfd, "ffd": module.pack_ffd, "exact_fit": module.pack_exact_fit}[strategy]
-    bin_ptr, items, bin_lengths = fn(arr, capacity)
+    bin_ptr, items, bin_lengths = getattr(module, f"pack_{strategy}")(arr, capacity)
     return PackPlan(bin_ptr=bin_ptr, items=items, bin_lengths=bin_lengths, capacity=capacity)
 
 
