@@ -125,11 +125,17 @@ def test_partition_padded_rejects_bad_input(backend, lengths, k, cap, pattern):
         ([3, 1.5], 2, ValueError, r"costs\[1\] = 1.5 has a fractional part"),
         ([3, 1], 0, ValueError, r"num_parts = 0 must be a positive integer"),
         ([3, 1], 2.0001, ValueError, r"num_parts = 2.0001 must be a positive integer"),
+        ([2**62] * 3, 2, ValueError, r"costs\[0\] = 4611686018427387904 exceeds 3074457345618258602"),
     ],
 )
 def test_balance_rejects_bad_input(backend, costs, k, exc, pattern):
     with pytest.raises(exc, match=pattern):
         balance(costs, k, backend=backend)
+
+
+def test_balance_overflow_check_applies_to_generators(backend):
+    with pytest.raises(ValueError, match=r"costs\[0\] = 4611686018427387904 exceeds 3074457345618258602"):
+        balance((c for c in [2**62] * 3), 2, backend=backend)
 
 
 def test_balance_rejects_non_bool_equal_count(backend):

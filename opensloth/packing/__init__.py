@@ -369,8 +369,14 @@ def balance(costs: Any, num_parts: int, *, equal_count: bool = False, backend: s
     Each part's indices are returned in ascending order; parts may be empty when there are fewer items than parts.
     """
     num_parts = _as_positive_int(num_parts, "num_parts")
-    arr = _as_int64(costs, "costs", low=0, high=_INT64_MAX // max(1, len(costs) if hasattr(costs, "__len__") else 1),
-                    high_name="the largest cost whose sum fits in int64,")
+    arr = _as_int64(costs, "costs", low=0, high=None)
+    limit = _INT64_MAX // arr.shape[0]
+    if int(arr.max()) > limit:
+        i = int(np.argmax(arr > limit))
+        raise ValueError(
+            f"costs[{i}] = {arr[i]} exceeds {limit}: with {arr.shape[0]} items the sum of costs must fit in int64; "
+            "pass costs in smaller units"
+        )
     if not isinstance(equal_count, (bool, np.bool_)):
         raise TypeError(f"equal_count must be True or False, got {equal_count!r}")
     _, module = _resolve(backend)
