@@ -15,6 +15,7 @@ import os
 
 from unsloth import FastLanguageModel, is_bfloat16_supported  # first: Unsloth patches transformers, trl, peft
 
+# isort: split
 from datasets import load_dataset  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
@@ -25,7 +26,7 @@ DATASET = os.environ.get("DATASET", "trl-lib/Capybara")
 MAX_SEQ_LENGTH = int(os.environ.get("MAX_SEQ_LENGTH", "4096"))
 MAX_STEPS = int(os.environ.get("MAX_STEPS", "-1"))
 NUM_EPOCHS = 1
-TRAIN_SAMPLES = 1000
+TRAIN_SAMPLES = int(os.environ.get("TRAIN_SAMPLES", "1000"))
 VAL_SAMPLES = 10
 LEARNING_RATE = 2e-4
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))

@@ -50,7 +50,8 @@ class TrainConfig:
                          "folder (from_pretrained)", group="model")
     preset: str | None = _f(None, "embedded offline default: 'tiny' builds a tiny random Qwen3-architecture model, "
                             "the project's own tokenizer and a synthetic chat dataset (no network; trains on a CPU "
-                            "in under two minutes); its training defaults apply to flags you do not give",
+                            "in under two minutes); its defaults (among them --backend hf, --lora_r 0) apply to "
+                            "the flags you do not give",
                             choices=("tiny",), group="model")
     backend: str = _f("auto", "training stack: 'unsloth' (FastLanguageModel, CUDA only), 'hf' (transformers + "
                       "peft, CPU or GPU), or 'auto' (Unsloth when it imports and CUDA is there, else hf)",
@@ -77,7 +78,7 @@ class TrainConfig:
                              "capacity", group="data")
     train_samples: int = _f(1000, "training records to use (the first N)", group="data")
     test_samples: int = _f(10, "evaluation records, taken after the training ones (0: no evaluation)", group="data")
-    packing: str = _f("balanced", "batch layout: 'none' (padded samples), 'padding_free' (samples end to end, "
+    packing: str = _f("padding_free", "batch layout: 'none' (padded samples), 'padding_free' (samples end to end, "
                       "no padding), 'packed' (fixed-capacity rows of whole samples, best-fit decreasing), "
                       "'balanced' (packed rows plus the rank-balanced batch sampler)", choices=PACKING_MODES,
                       group="data")
@@ -126,6 +127,9 @@ class TrainConfig:
                                 group="run")
     logging_steps: int = _f(1, "log the loss and the per-step figures every N optimizer steps", group="run")
     report_to: str = _f("tensorboard", "where the Trainer reports (tensorboard, none, wandb, ...)", group="run")
+    debug_dataloader: int = _f(0, "write HTML previews of the first N training batches (trained, masked and padding "
+                               "tokens, packed-sample boundaries; opensloth._debug_dataloader) to .log/ before "
+                               "training (0: off)", group="run")
     print_config: bool = _f(False, "print the resolved configuration and exit without training", group="run",
                             action="store_true")
 
@@ -173,6 +177,7 @@ class TrainConfig:
         if self.dataset_num_proc is not None:
             need(self.dataset_num_proc >= 1, "dataset_num_proc", f"must be >= 1, got {self.dataset_num_proc}")
         need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        need(self.debug_dataloader >= 0, "debug_dataloader", f"must be >= 0 (0: off), got {self.debug_dataloader}")
         need(bool(self.experiment_name.strip()) and "/" not in self.experiment_name, "experiment_name",
              f"must be a non-empty name without '/', got {self.experiment_name!r}")
         if self.skip_prepare and not self.prepared_dataset_path:
@@ -218,7 +223,8 @@ def build_parser(prog: str | None = None, description: str | None = None) -> arg
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = meta["help"] + (f" (default: {default})" if meta["action"] not in ("store_true",) else "")
+        shown = default is not None and meta["action"] != "store_true"
+        help_text = meta["help"] + (f" (default: {default})" if shown else "")
         flag = "--" + f.name
         if meta["action"] == "store_true":
             group.add_argument(flag, action="store_true", help=meta["help"])

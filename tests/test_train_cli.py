@@ -63,6 +63,7 @@ def _error(cli, capsys, argv) -> str:
     (["--preset", "tiny", "--model_name", "Qwen/Qwen3-0.6B"], "--model_name"),
     (["--use_patches", "--no_patches"], "--no_patches"),
     (["--experiment_name", "a/b"], "--experiment_name"),
+    (["--debug_dataloader", "-1"], "--debug_dataloader"),
 ])
 def test_bad_flags_are_argparse_errors_naming_the_flag(cli, capsys, argv, flag):
     err = _error(cli, capsys, argv)
@@ -85,6 +86,7 @@ def test_seed_defaults(cli):
     assert config.dataset == "trl-lib/Capybara"
     assert (config.lora_r, config.lora_alpha, config.lora_targets) == (8, 16, "q_proj,k_proj,v_proj,o_proj")
     assert config.patches and not config.skip_prepare
+    assert config.packing == "padding_free"  # per_device_batch_size counts samples, as in the seed
     assert set(sources.values()) == {"default"}
 
 
@@ -178,3 +180,12 @@ def test_scripts_compile(path, tmp_path):
 def test_summary_file_name_is_stable(cli):
     # scripts/sanity_check_training.sh and the integration tests read this file
     assert cli.SUMMARY_FILE == "run_summary.json"
+
+
+def test_training_readme_documents_every_flag():
+    from opensloth.config import TrainConfig
+
+    text = (ROOT / "TRAINING_README.md").read_text(encoding="utf-8")
+    for f in dataclasses.fields(TrainConfig):
+        if not f.metadata.get("internal"):
+            assert f"`--{f.name}`" in text or f"`--{f.name}` /" in text, f.name

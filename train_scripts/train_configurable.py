@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 # Nothing below imports torch, transformers, trl or peft at module level: Unsloth must be imported first when used.
-from opensloth.config import PACKING_MODES, TrainConfig, build_parser, resolve_config  # noqa: E402
+from opensloth.config import TrainConfig, build_parser, resolve_config  # noqa: E402
 
 SHARED_CHAT_FILES = {
     "alpaca": ["alpaca_en_demo.jsonl"],
@@ -471,7 +471,7 @@ def make_training_args(config: TrainConfig, world_size: int, backend: str):
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit or None,
         eval_strategy=eval_strategy,
-        eval_steps=config.eval_steps or config.save_steps,
+        eval_steps=(config.eval_steps or config.save_steps) if eval_strategy == "steps" else None,
         report_to=[] if config.report_to == "none" else [config.report_to],
         max_length=config.max_seq_length,
         dataset_kwargs={"skip_prepare_dataset": True},  # tokenised, labelled and truncated by prepare_datasets
@@ -534,6 +534,23 @@ def build_trainer(config: TrainConfig, model, tokenizer, train_dataset, eval_dat
 
     attach_step_figures(trainer)  # observes batches only: tokens/s/GPU, real-token fraction, rank balance
     return trainer
+
+
+def write_debug_pages(trainer, train_dataset, config: TrainConfig, world_size: int) -> list[str]:
+    """HTML pages of the first --debug_dataloader training batches (the trainer's collator over the training data in
+    order, micro-batch by micro-batch), under .log/. Rank 0 only; touches no process group."""
+    from torch.utils.data import DataLoader
+
+    from opensloth._debug_dataloader import debug_chat_dataloader_for_training
+
+    columns = [c for c in ("input_ids", "labels", "seq_lengths") if c in train_dataset.column_names]
+    loader = DataLoader(train_dataset.select_columns(columns), batch_size=config.per_device_batch_size,
+                        collate_fn=trainer.data_collator)
+    paths = debug_chat_dataloader_for_training(loader, trainer.processing_class, config.debug_dataloader,
+                                               out_dir=".log", name=config.run_name(world_size))
+    for path in paths:
+        say(f"[opensloth] batch preview: {path}")
+    return paths
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -675,6 +692,8 @@ def run(config: TrainConfig, sources: dict[str, str]) -> dict:
         + (f", {len(eval_dataset)} evaluation" if eval_dataset is not None else ", no evaluation"))
 
     trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset, training_args, backend)
+    if config.debug_dataloader and is_main_process():
+        write_debug_pages(trainer, train_dataset, config, world_size)
     resume = _resume_path(config, training_args.output_dir)
     resumed_from = None
     if resume is not None:

@@ -16,6 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from unsloth import FastLanguageModel, is_bfloat16_supported  # noqa: E402  (first: it patches transformers, trl, peft)
+
+# isort: split
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from opensloth.collate import PackedDataCollator  # noqa: E402

@@ -48,6 +48,9 @@ class TinyPreset:
         "save_strategy": "epoch",
         "eval_strategy": "epoch",
         "packing": "padding_free",
+        # transformers + peft: on a GPU, Unsloth spends a minute compiling for a model this small (--backend auto
+        # or unsloth to exercise it anyway)
+        "backend": "hf",
     })
 
     def model_config(self, attn_implementation: str = "sdpa"):

@@ -34,10 +34,10 @@ def _env() -> dict:
     return env
 
 
-def _train(args: list[str], *, nproc: int = 1) -> subprocess.CompletedProcess:
+def _train(args: list[str], cwd: Path, *, nproc: int = 1) -> subprocess.CompletedProcess:
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                       f"--nproc_per_node={nproc}"]
-    out = subprocess.run(launcher + [str(SCRIPT)] + args, cwd=ROOT, env=_env(), capture_output=True, text=True,
+    out = subprocess.run(launcher + [str(SCRIPT)] + args, cwd=cwd, env=_env(), capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, f"exit {out.returncode}\n--- stdout\n{out.stdout[-4000:]}\n--- stderr\n" \
                                 f"{out.stderr[-8000:]}"
@@ -73,16 +73,17 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single(workdir):
     out_dir = workdir / "ws1"
-    proc = _train(COMMON + ["--grad_accum", "2", "--output_dir", str(out_dir), "--cache_dir", str(workdir / "cache")])
-    return out_dir, _summary(out_dir), proc.stdout
+    proc = _train(COMMON + ["--grad_accum", "2", "--output_dir", str(out_dir), "--cache_dir", str(workdir / "cache"),
+                            "--debug_dataloader", "1"], workdir)
+    return out_dir, _summary(out_dir), proc.stdout, workdir
 
 
 @pytest.fixture(scope="module")
 def resumed(workdir, single):
-    src, _, _ = single
+    src = single[0]
     out_dir = workdir / "resumed"
     _train(COMMON + ["--grad_accum", "2", "--output_dir", str(out_dir), "--cache_dir", str(workdir / "cache"),
-                     "--resume_from_checkpoint", str(src / f"checkpoint-{SAVE_EVERY}")])
+                     "--resume_from_checkpoint", str(src / f"checkpoint-{SAVE_EVERY}")], workdir)
     return out_dir, _summary(out_dir)
 
 
@@ -90,7 +91,7 @@ def resumed(workdir, single):
 def ddp(workdir):
     out_dir = workdir / "ws2"
     _train(COMMON + ["--grad_accum", "1", "--output_dir", str(out_dir), "--cache_dir", str(workdir / "cache")],
-           nproc=2)
+           workdir, nproc=2)
     return out_dir, _summary(out_dir)
 
 
@@ -107,15 +108,17 @@ def _check_figures(s: dict, world_size: int) -> None:
 
 
 def test_single_process_trains(single):
-    out_dir, s, stdout = single
+    out_dir, s, stdout, workdir = single
     _check_figures(s, 1)
     assert s["rank_work_max_over_mean"] == pytest.approx(1.0)
     assert s["data"]["built_here"] is True
     assert "OpenSloth training configuration:" in stdout and "OpenSloth run summary:" in stdout
+    page = workdir / ".log" / "tiny_ws1_batch_000.html"  # --debug_dataloader 1, relative to the working directory
+    assert page.is_file() and "<html" in page.read_text(encoding="utf-8").lower()
 
 
 def test_single_process_writes_tensorboard_and_checkpoints(single):
-    out_dir, s, _ = single
+    out_dir, s = single[:2]
     losses = _tb_losses(out_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert losses[1] == pytest.approx(s["first_train_loss"], rel=1e-4)
@@ -129,7 +132,7 @@ def test_single_process_writes_tensorboard_and_checkpoints(single):
 
 
 def test_resume_continues_from_the_saved_step(single, resumed):
-    _, s_full, _ = single
+    s_full = single[1]
     out_dir, s = resumed
     assert s["resumed_from_step"] == SAVE_EVERY and s["global_step"] == STEPS
     assert s["data"]["built_here"] is False  # the prepared data came from the cache the first run wrote
@@ -142,7 +145,7 @@ def test_resume_continues_from_the_saved_step(single, resumed):
 
 
 def test_torchrun_two_processes(single, ddp):
-    _, s_full, _ = single
+    s_full = single[1]
     out_dir, s = ddp
     _check_figures(s, 2)
     assert s["run_name"] == "tiny_ws2" and s["patches"] is True
