@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import importlib.util
 import os
 import py_compile
@@ -153,8 +154,9 @@ def test_print_config_imports_no_training_stack():
 
 
 def test_interval_mean_weights_by_steps(cli):
-    history = [{"step": 1, "x": 10.0}, {"step": 5, "x": 20.0}, {"step": 6, "eval_loss": 1.0}, {"step": 10, "x": 40.0}]
-    # intervals cover 1, 4 and 5 steps
+    history = [{"step": 1, "x": 10.0}, {"step": 5, "x": 20.0}, {"step": 6, "eval_loss": 1.0, "x": 1e6},
+               {"step": 10, "x": 40.0}]
+    # intervals cover 1, 4 and 5 steps; the evaluation entry is not a training interval
     assert cli._interval_mean(history, "x") == pytest.approx((10 * 1 + 20 * 4 + 40 * 5) / 10)
     assert cli._interval_mean(history, "missing") is None
 
@@ -189,3 +191,58 @@ def test_training_readme_documents_every_flag():
     for f in dataclasses.fields(TrainConfig):
         if not f.metadata.get("internal"):
             assert f"`--{f.name}`" in text or f"`--{f.name}` /" in text, f.name
+
+
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _no_cuda(), reason="checks the CPU-only error path")
+def test_unsloth_backend_without_cuda_is_a_clear_error(cli, capsys):
+    assert cli.main(["--preset", "tiny", "--backend", "unsloth"]) == 2
+    err = capsys.readouterr().err
+    assert "--backend unsloth" in err and "CUDA" in err and "--backend hf" in err
+
+
+@pytest.mark.skipif(not _no_cuda(), reason="checks the CPU-only error path")
+def test_auto_backend_falls_back_to_transformers_on_cpu(cli):
+    assert cli.resolve_backend("auto") == "hf"
+    assert cli.resolve_backend("hf") == "hf"
+
+
+@pytest.mark.skipif(not _no_cuda(), reason="checks the CPU-only error path")
+def test_4bit_checkpoint_on_cpu_is_a_clear_error(cli):
+    config, _ = cli.parse_args(["--backend", "hf"])  # the seed's default model, a bitsandbytes 4-bit checkpoint
+    with pytest.raises(cli.RunError, match="needs a CUDA GPU.*--preset tiny"):
+        cli.load_model(config, "hf", 0)
+
+
+def test_unreachable_model_and_dataset_are_clear_errors(cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # an empty cache: nothing to fall back on
+    config, _ = cli.parse_args(["--backend", "hf", "--model_name", "opensloth-test/no-such-model"])
+    with pytest.raises(cli.RunError, match="no-such-model.*--preset tiny"):
+        cli.load_model(config, "hf", 0)
+    with pytest.raises(cli.RunError, match="--dataset opensloth-test/no-such-data.*--preset tiny"):
+        cli.load_records("opensloth-test/no-such-data", 10, 2, 0)
+
+
+def test_load_records_splits_a_jsonl_file(cli, tmp_path, capsys):
+    path = tmp_path / "chats.jsonl"
+    rows = [{"id": str(i), "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+            for i in range(7)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    train, test = cli.load_records(str(path), 5, 10, 0)
+    assert [r["id"] for r in train] == ["0", "1", "2", "3", "4"]
+    assert [r["id"] for r in test] == ["5", "6"]  # fewer than asked: what is left, with a note
+    assert "2 evaluation records left" in capsys.readouterr().out
+    train, test = cli.load_records(str(path), 7, 3, 0)
+    assert len(train) == 7 and test is None
+
+
+def test_sanity_script_is_valid_bash():
+    out = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "sanity_check_training.sh")], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr

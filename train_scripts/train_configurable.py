@@ -557,10 +557,11 @@ def write_debug_pages(trainer, train_dataset, config: TrainConfig, world_size: i
 
 
 def _interval_mean(history: list[dict], key: str) -> float | None:
-    """Mean of a per-interval figure over the run, weighted by the optimizer steps each interval covers."""
+    """Mean of a per-interval figure over the run, weighted by the optimizer steps each interval covers (training
+    logs only: an evaluation's log entry can carry the figures of the steps before it too)."""
     total, weight, last_step = 0.0, 0, 0
     for entry in history:
-        if key in entry and entry.get("step") is not None:
+        if key in entry and entry.get("step") is not None and "eval_loss" not in entry:
             steps = max(1, int(entry["step"]) - last_step)
             total += float(entry[key]) * steps
             weight += steps
