@@ -439,8 +439,8 @@ def make_collator(config: TrainConfig, tokenizer, backend: str):
         return DataCollatorForLanguageModeling(pad_token_id=pad)
     from opensloth.collate import PackedDataCollator
 
-    if config.packing == "padding_free" or backend == "unsloth":
-        return PackedDataCollator(pad_token_id=pad, layout="flat")
+    if config.packing == "padding_free" or backend == "unsloth" or config.per_device_batch_size == 1:
+        return PackedDataCollator(pad_token_id=pad, layout="flat")  # one packed row needs no padding to capacity
     return PackedDataCollator(pad_token_id=pad, layout="rows", capacity=config.max_seq_length)
 
 
