@@ -78,7 +78,10 @@ class StepFiguresCallback(TrainerCallback):
         callback = self
 
         def log(self, logs, *args, **kwargs):
-            logs.update(callback.flush())
+            # Evaluation logs get no training figures. The keys are the same on every rank, so the ranks still
+            # flush (a collective) together.
+            if not any(str(k).startswith(("eval_", "test_")) for k in logs):
+                logs.update(callback.flush())
             return original_log(logs, *args, **kwargs)
 
         trainer.log = types.MethodType(log, trainer)

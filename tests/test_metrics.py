@@ -71,3 +71,20 @@ def test_trainer_logs_figures_to_history_and_tensorboard(tmp_path, monkeypatch):
         tags |= set(acc.Tags().get("scalars", []))
     assert any(t.endswith(PREFIX + "real_token_fraction") for t in tags), tags
     assert any(t.endswith(PREFIX + "tokens_per_sec_per_gpu") for t in tags), tags
+
+
+def test_evaluation_logs_carry_no_training_figures(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from tests._models import tiny_qwen3
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True)
+    trainer = Trainer(model=tiny_qwen3(), args=args, train_dataset=[{"input_ids": [1, 2, 3]}])
+    callback = attach_step_figures(trainer)
+    callback.step_work, callback.tokens, callback.slots, callback.seconds = [5.0], 10, 20, 1.0
+    trainer.log({"eval_loss": 0.5})
+    assert not any(k.startswith(PREFIX) for k in trainer.state.log_history[-1])
+    assert callback.step_work == [5.0], "an evaluation log must not consume the training figures"
+    trainer.log({"loss": 1.0})
+    assert trainer.state.log_history[-1][PREFIX + "real_token_fraction"] == pytest.approx(0.5)
+

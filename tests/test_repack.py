@@ -395,3 +395,42 @@ def test_trainer_get_batch_samples_wrapper_keeps_num_items(tmp_path):
     assert int(trainer._get_num_items_in_batch(out, torch.device("cpu"))) == int(count)
     assert window_samples(out) == window_samples(expected_batches)
     assert trainer._opensloth_window_stats.changed
+
+
+def _is_padding(sample) -> bool:
+    ids, labels = sample
+    return all(lab == IGNORE for lab in labels) and len(set(ids)) == 1
+
+
+def _rows(rng, lengths, capacity=64):
+    from opensloth.collate import collate_samples
+
+    return collate_samples([{"input_ids": rand_sample(rng, n, prompt=1)[0]} for n in lengths], layout="rows",
+                           capacity=capacity, pack=True, metadata=("packed_seq_lengths", "cu_seq_lens"))
+
+
+def test_rows_padding_is_not_counted_as_real_tokens():
+    rng = np.random.default_rng(3)
+    batches = [_rows(rng, [40, 45]), _rows(rng, [50, 30, 20])]  # two rows each, every row with a padded tail
+    assert [b["input_ids"].shape for b in batches] == [(2, 64), (2, 64)]
+    _, stats = repack_window(batches, repack=False)
+    assert stats.layout == "rows"
+    assert stats.slots == 4 * 64
+    assert stats.real_tokens == 40 + 45 + 50 + 30 + 20
+    assert sorted(stats.sample_lengths) == [20, 30, 40, 45, 50]
+
+
+def test_one_row_micro_batches_drop_their_padding_when_recut():
+    """One row per micro-batch reads as the flat layout: the re-cut keeps every real sample and drops the pad tails."""
+    rng = np.random.default_rng(4)
+    batches = [_rows(rng, [60]), _rows(rng, [5, 6]), _rows(rng, [7])]
+    assert all(b["input_ids"].shape == (1, 64) for b in batches)
+    out, stats = repack_window(batches)
+    assert stats.layout == "flat" and stats.changed
+    real = sorted(s for s in window_samples(batches) if not _is_padding(s))
+    assert len(real) == 4
+    assert window_samples(out) == real
+    assert num_items(out) == num_items(batches)
+    assert stats.real_tokens == 60 + 5 + 6 + 7
+    assert stats.slots_before == 3 * 64 and stats.slots == 78
+    assert max(b["input_ids"].shape[1] for b in out) <= 64

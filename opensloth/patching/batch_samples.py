@@ -262,6 +262,25 @@ def _segment_lengths(batch: dict, row_width: int, n_tokens: int) -> list[np.ndar
     return rows
 
 
+def _padding_tails(input_ids: torch.Tensor, labels: torch.Tensor, rows: list[np.ndarray]) -> np.ndarray:
+    """Length of each row's trailing padding segment (0 when its last segment is a sample).
+
+    The collator's rows layout (and ``pad_to_multiple_of``) ends a row with a segment of one repeated pad id whose
+    labels are all ignored. A real sample that looks the same has no trained target and attends only to itself, so
+    treating it as padding changes no loss or gradient.
+    """
+    width = input_ids.shape[-1]
+    ids = input_ids.reshape(-1, width)
+    lab = labels.reshape(-1, width)
+    last = torch.as_tensor([int(r[-1]) if len(r) else 0 for r in rows], dtype=torch.long)
+    cols = torch.arange(width)
+    tail = cols[None, :] >= (width - last)[:, None]
+    start_ids = ids.cpu().gather(1, (width - last).clamp(max=width - 1)[:, None])
+    other = (lab.cpu() != IGNORE_INDEX) | (ids.cpu() != start_ids)
+    is_pad = ~(other & tail).any(dim=1) & (last > 0)
+    return np.where(is_pad.numpy(), last.numpy(), 0).astype(np.int64)
+
+
 def _check_packed_batches(batches: list[dict]) -> None:
     keys = set(batches[0])
     for b in batches:
@@ -312,33 +331,42 @@ def _repack_flat(batches: list[dict], stats: WindowStats, work_model: WorkModel,
     from opensloth.masks import block_causal_mask, seq_idx_from_lengths
     from opensloth.packing import balance
 
-    per_batch = []
+    per_batch, pad = [], []
     for b in batches:
         n = int(b["input_ids"].shape[1])
-        per_batch.append(_segment_lengths(b, n, n)[0])
-    lengths = np.concatenate(per_batch)
+        segments = _segment_lengths(b, n, n)[0]
+        per_batch.append(segments)
+        pad.append(int(_padding_tails(b["input_ids"], b["labels"], [segments])[0]))
+    all_lengths = np.concatenate(per_batch)
     counts = np.asarray([len(x) for x in per_batch], dtype=np.int64)
-    sizes = np.asarray([int(b["input_ids"].shape[1]) for b in batches], dtype=np.int64)
-    stats.real_tokens = stats.slots = stats.slots_before = int(sizes.sum())
-    stats.sample_lengths = lengths.tolist()
-    works = work_model.sample_work(lengths)
-    stats.work = float(works.sum())
     split = np.cumsum(counts)[:-1]
-    before = [float(w.sum()) for w in np.split(works, split)]
+    is_pad = np.zeros(len(all_lengths), dtype=bool)
+    is_pad[np.cumsum(counts)[np.asarray(pad) > 0] - 1] = True
+    real = np.flatnonzero(~is_pad)
+    sizes = np.asarray([int(b["input_ids"].shape[1]) for b in batches], dtype=np.int64)
+    lengths = all_lengths[real]
+    stats.slots = stats.slots_before = int(sizes.sum())
+    stats.real_tokens = int(lengths.sum())
+    stats.sample_lengths = lengths.tolist()
+    all_works = work_model.sample_work(all_lengths)  # padding segments cost compute too, until they are dropped
+    works = all_works[real]
+    stats.work = float(works.sum())
+    before = [float(w.sum()) for w in np.split(all_works, split)]
     stats.max_batch_work_before = stats.max_batch_work_after = max(before)
     if len(batches) < 2 or len(lengths) < len(batches) or not repack:
         return batches
     token_keys = [k for k in ("input_ids", "labels", "position_ids", "seq_idx") if k in batches[0]]
     flat = {k: _concat([b[k].reshape(-1) for b in batches]) for k in token_keys}
-    starts = np.cumsum(lengths) - lengths
-    first = _first_labels(flat["labels"], starts)
-    at_col0 = np.zeros(len(lengths), dtype=bool)
+    all_starts = np.cumsum(all_lengths) - all_lengths
+    first = _first_labels(flat["labels"], all_starts)
+    at_col0 = np.zeros(len(all_lengths), dtype=bool)
     at_col0[np.concatenate(([0], split))] = True
     if (first & ~at_col0).any():
         raise _Passthrough(
             "a packed sample's first label is trained (sample boundaries are not masked in labels); re-cutting "
             "would change which targets count"
         )
+    starts, first, at_col0 = all_starts[real], first[real], at_col0[real]
     parts = balance(work_model.costs(works), len(batches))
     if any(len(p) == 0 for p in parts):
         return batches
@@ -369,6 +397,7 @@ def _repack_flat(batches: list[dict], stats: WindowStats, work_model: WorkModel,
         new.update(_metadata(like, lens))
         out.append({k: new[k] for k in like})
     stats.changed = True
+    stats.slots = int(sum(tokens_after))
     stats.max_batch_work_after = max(after)
     return out
 
@@ -380,9 +409,12 @@ def _repack_rows(batches: list[dict], stats: WindowStats, work_model: WorkModel,
     rows: list[np.ndarray] = []
     for b in batches:
         rows.extend(_segment_lengths(b, width, n_rows * width))
-    row_work = work_model.row_work(rows)
-    stats.real_tokens = stats.slots = stats.slots_before = len(rows) * width
-    stats.sample_lengths = np.concatenate(rows).tolist()
+    row_work = work_model.row_work(rows)  # a row's padding segment is computed too, so it stays in the row's work
+    pad = np.concatenate([_padding_tails(b["input_ids"], b["labels"], rows[i * n_rows : (i + 1) * n_rows])
+                          for i, b in enumerate(batches)])
+    stats.slots = stats.slots_before = len(rows) * width
+    stats.real_tokens = stats.slots - int(pad.sum())
+    stats.sample_lengths = [int(x) for r, p in zip(rows, pad) for x in (r[:-1] if p else r)]
     stats.work = float(row_work.sum())
     before = [float(row_work[i * n_rows : (i + 1) * n_rows].sum()) for i in range(len(batches))]
     stats.max_batch_work_before = stats.max_batch_work_after = max(before)
