@@ -27,6 +27,15 @@ Metadata keys (``metadata=``; the default is ``DEFAULT_METADATA``):
 - ``"seq_idx"``: int32 (P, L) segment index per token (Mamba-style kernels).
 - ``"attention_mask"``: the dense (P, 1, L, L) block-causal mask (``mask_dtype``: bool for sdpa, a float dtype for
   eager). Built only when asked: O(L^2) memory and time.
+- ``"opensloth_varlen"``: ``opensloth_cu_seqlens`` int32 CPU (S + 1,) over the same segments (every row's padding
+  tail is a segment of its own) and ``opensloth_max_seqlen`` (int): the keys that
+  `opensloth.patching.unsloth_attention` routes to FlashAttention-2 varlen inside Unsloth's attention. Use it with
+  ``("opensloth_varlen", "use_cache")`` and nothing else for Unsloth (``UNSLOTH_VARLEN_METADATA``):
+  ``packed_seq_lengths`` would switch off Unsloth's compiled blocks and, with more than one row, build a
+  (P * L)^2 mask; ``cu_seq_lens_*``/``max_length_*`` are ignored by Unsloth and their changing ints recompile
+  compiled blocks. ``opensloth_max_seqlen`` is a constant bound, not the batch's longest segment: the row width
+  for ``layout="rows"``, ``max_seqlen=`` when given (e.g. ``max_seq_length`` for the flat layout), else the
+  longest segment. A constant keeps torch.compile from recompiling; FlashAttention only sizes its grid with it.
 - ``"use_cache"``: ``use_cache=False``. Needed for the position_ids-only path: transformers 5.x builds the
   block-causal mask from ``position_ids`` only when ``attention_mask`` is None *and* there is no KV cache, and
   Qwen3/Llama create a ``DynamicCache`` whenever ``use_cache`` is true (the config default), in training too. Without
@@ -63,7 +72,8 @@ Function-level API for code that rebuilds batches (the trainer integration)::
 
     collate_samples(features, layout="flat" | "rows", capacity=None, pack=False, rows=None, pad_token_id=0,
                     pad_to_multiple_of=None, metadata=DEFAULT_METADATA, mask_dtype=torch.bool,
-                    ignore_index=-100, seq_lengths_key="seq_lengths", require_seq_lengths=False, backend=None)
+                    ignore_index=-100, seq_lengths_key="seq_lengths", require_seq_lengths=False, backend=None,
+                    max_seqlen=None)
 
 ``rows`` (rows layout only) places the samples explicitly: a PackPlan or a list of index sequences over the
 samples in input order (the samples of every feature, split by ``seq_lengths``), each sample exactly once; row r
@@ -85,13 +95,19 @@ __all__ = [
     "DEFAULT_METADATA",
     "LAYOUTS",
     "METADATA_KEYS",
+    "UNSLOTH_VARLEN_METADATA",
+    "VARLEN_CU_SEQLENS_KEY",
+    "VARLEN_MAX_SEQLEN_KEY",
     "PackedDataCollator",
     "collate_samples",
 ]
 
 LAYOUTS = ("flat", "rows")
-METADATA_KEYS = ("packed_seq_lengths", "cu_seq_lens", "seq_idx", "attention_mask", "use_cache")
+METADATA_KEYS = ("packed_seq_lengths", "cu_seq_lens", "seq_idx", "attention_mask", "use_cache", "opensloth_varlen")
 DEFAULT_METADATA = ("packed_seq_lengths", "cu_seq_lens", "use_cache")
+UNSLOTH_VARLEN_METADATA = ("opensloth_varlen", "use_cache")
+VARLEN_CU_SEQLENS_KEY = "opensloth_cu_seqlens"
+VARLEN_MAX_SEQLEN_KEY = "opensloth_max_seqlen"
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -302,24 +318,37 @@ def _assemble(
     return grid_ids, grid_labels, seg
 
 
-def _metadata_tensors(seg: Segments, metadata: Sequence[str], mask_dtype: torch.dtype) -> dict[str, Any]:
+def _metadata_tensors(seg: Segments, metadata: Sequence[str], mask_dtype: torch.dtype, layout: str = "flat",
+                      max_seqlen: int | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     shape = (seg.n_rows, seg.width)
-    if "packed_seq_lengths" in metadata or "cu_seq_lens" in metadata:
+    if "packed_seq_lengths" in metadata or "cu_seq_lens" in metadata or "opensloth_varlen" in metadata:
         if seg.total > _INT32_MAX:
             raise ValueError(f"the batch has {seg.total} tokens, more than int32 metadata can index ({_INT32_MAX})")
         lengths32 = seg.lengths.astype(np.int32)
         if "packed_seq_lengths" in metadata:
             out["packed_seq_lengths"] = torch.from_numpy(lengths32)
-        if "cu_seq_lens" in metadata:
+        cu_t = None
+        if "cu_seq_lens" in metadata or "opensloth_varlen" in metadata:
             cu = np.zeros(lengths32.shape[0] + 1, dtype=np.int32)
             np.cumsum(lengths32, out=cu[1:])
             cu_t = torch.from_numpy(cu)
-            max_len = int(lengths32.max())
+        longest = int(lengths32.max())
+        if "cu_seq_lens" in metadata:
             out["cu_seq_lens_q"] = cu_t
             out["cu_seq_lens_k"] = cu_t
-            out["max_length_q"] = max_len
-            out["max_length_k"] = max_len
+            out["max_length_q"] = longest
+            out["max_length_k"] = longest
+        if "opensloth_varlen" in metadata:
+            bound = max_seqlen if max_seqlen is not None else seg.width if layout == "rows" else longest
+            if longest > bound:
+                raise ValueError(
+                    f"a segment of {longest} tokens is longer than max_seqlen = {bound}; FlashAttention would leave "
+                    f"its tail uncomputed. Raise max_seqlen to at least {longest} (max_seq_length is the usual bound)"
+                )
+            # A separate tensor from cu_seq_lens_q: the trainer moves each key to the GPU on its own.
+            out[VARLEN_CU_SEQLENS_KEY] = cu_t.clone() if "cu_seq_lens" in metadata else cu_t
+            out[VARLEN_MAX_SEQLEN_KEY] = int(bound)
     if "seq_idx" in metadata:
         out["seq_idx"] = torch.from_numpy(seg.segment_ids(per_row=True).astype(np.int32)).reshape(shape)
     if "attention_mask" in metadata:
@@ -330,10 +359,12 @@ def _metadata_tensors(seg: Segments, metadata: Sequence[str], mask_dtype: torch.
 
 
 def _check_options(layout: str, capacity: Any, pack: bool, rows: Any, pad_to_multiple_of: Any,
-                   metadata: Sequence[str], mask_dtype: Any) -> tuple[int | None, int | None, tuple[str, ...]]:
+                   metadata: Sequence[str], mask_dtype: Any,
+                   max_seqlen: Any = None) -> tuple[int | None, int | None, tuple[str, ...]]:
     if layout not in LAYOUTS:
         raise ValueError(f"layout = {layout!r}; choose one of {LAYOUTS}")
-    for name, value in (("capacity", capacity), ("pad_to_multiple_of", pad_to_multiple_of)):
+    for name, value in (("capacity", capacity), ("pad_to_multiple_of", pad_to_multiple_of),
+                        ("max_seqlen", max_seqlen)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0):
             raise ValueError(f"{name} = {value!r} must be a positive integer or None")
     if layout == "flat" and (pack or rows is not None):
@@ -353,6 +384,9 @@ def _check_options(layout: str, capacity: Any, pack: bool, rows: Any, pad_to_mul
         raise ValueError(f"unknown metadata keys {unknown}; choose from {METADATA_KEYS}")
     if not isinstance(mask_dtype, torch.dtype) or not (mask_dtype == torch.bool or mask_dtype.is_floating_point):
         raise TypeError(f"mask_dtype must be torch.bool or a floating torch dtype, got {mask_dtype!r}")
+    if max_seqlen is not None and "opensloth_varlen" not in metadata:
+        raise ValueError(f"max_seqlen = {max_seqlen} is the bound reported as {VARLEN_MAX_SEQLEN_KEY}; add "
+                         f"'opensloth_varlen' to metadata, or leave max_seqlen None")
     return (None if capacity is None else int(capacity),
             None if pad_to_multiple_of is None else int(pad_to_multiple_of), metadata)
 
@@ -372,23 +406,25 @@ def collate_samples(
     seq_lengths_key: str = "seq_lengths",
     require_seq_lengths: bool = False,
     backend: str | None = None,
+    max_seqlen: int | None = None,
 ) -> dict[str, Any]:
     """Collate packed rows or unpacked samples into one batch (see the module docstring for the format).
 
     ``layout="flat"``: (1, T), every sample end to end in input order. ``layout="rows"``: (P, L) with
     L = ``capacity`` (default: the longest row, rounded up to ``pad_to_multiple_of``); rows are the features,
     or the samples repacked by ``pack_lengths(lengths, capacity)`` with ``pack=True`` (``backend`` picks the
-    packing backend), or the explicit ``rows`` assignment. Raises ValueError for empty input, lengths that do not
-    add up to a row, rows over capacity, bad options.
+    packing backend), or the explicit ``rows`` assignment. ``max_seqlen`` (with the ``"opensloth_varlen"``
+    metadata) is the constant reported as ``opensloth_max_seqlen``. Raises ValueError for empty input, lengths that
+    do not add up to a row, rows over capacity, a segment longer than ``max_seqlen``, bad options.
     """
     capacity, pad_to_multiple_of, metadata = _check_options(layout, capacity, pack, rows, pad_to_multiple_of,
-                                                            metadata, mask_dtype)
+                                                            metadata, mask_dtype, max_seqlen)
     return _collate(features, layout, capacity, pack, rows, pad_token_id, pad_to_multiple_of, metadata, mask_dtype,
-                    ignore_index, seq_lengths_key, require_seq_lengths, backend)
+                    ignore_index, seq_lengths_key, require_seq_lengths, backend, max_seqlen)
 
 
 def _collate(features, layout, capacity, pack, rows, pad_token_id, pad_to_multiple_of, metadata, mask_dtype,
-             ignore_index, seq_lengths_key, require_seq_lengths, backend) -> dict[str, Any]:
+             ignore_index, seq_lengths_key, require_seq_lengths, backend, max_seqlen=None) -> dict[str, Any]:
     g = _gather(features, seq_lengths_key, ignore_index, require_seq_lengths)
     n_samples = g.sample_lengths.shape[0]
     order = None
@@ -425,7 +461,7 @@ def _collate(features, layout, capacity, pack, rows, pad_token_id, pad_to_multip
         "labels": torch.from_numpy(grid_labels).reshape(shape),
         "position_ids": torch.from_numpy(seg.positions()).reshape(shape),
     }
-    batch.update(_metadata_tensors(seg, metadata, mask_dtype))
+    batch.update(_metadata_tensors(seg, metadata, mask_dtype, layout, max_seqlen))
     return batch
 
 
@@ -435,7 +471,9 @@ class PackedDataCollator:
 
     The options are those of :func:`collate_samples` (checked once, here). ``layout="flat"`` (default) suits
     flash-attention, Unsloth and transformers' position_ids path; ``layout="rows"`` with a fixed ``capacity`` gives
-    static shapes (torch.compile, dense or flex masks).
+    static shapes (torch.compile, dense or flex masks). For Unsloth with
+    `opensloth.patching.unsloth_attention`: ``layout="rows", capacity=max_seq_length,
+    metadata=UNSLOTH_VARLEN_METADATA`` (static shapes, FlashAttention-2 varlen inside compiled blocks).
     """
 
     pad_token_id: int = 0
@@ -450,16 +488,20 @@ class PackedDataCollator:
     require_seq_lengths: bool = False
     backend: str | None = None
     return_tensors: str = "pt"
+    max_seqlen: int | None = None
 
     def __post_init__(self) -> None:
         if self.return_tensors != "pt":
             raise ValueError(f"return_tensors = {self.return_tensors!r}; only 'pt' (torch) is supported")
         self.capacity, self.pad_to_multiple_of, self.metadata = _check_options(
-            self.layout, self.capacity, self.pack, None, self.pad_to_multiple_of, self.metadata, self.mask_dtype)
+            self.layout, self.capacity, self.pack, None, self.pad_to_multiple_of, self.metadata, self.mask_dtype,
+            self.max_seqlen)
+        if self.max_seqlen is not None:
+            self.max_seqlen = int(self.max_seqlen)
 
     def __call__(self, features: Sequence[Mapping], return_tensors: str | None = None) -> dict[str, Any]:
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors = {return_tensors!r}; only 'pt' (torch) is supported")
         return _collate(features, self.layout, self.capacity, self.pack, None, self.pad_token_id,
                         self.pad_to_multiple_of, self.metadata, self.mask_dtype, self.ignore_index,
-                        self.seq_lengths_key, self.require_seq_lengths, self.backend)
+                        self.seq_lengths_key, self.require_seq_lengths, self.backend, self.max_seqlen)
