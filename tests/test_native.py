@@ -279,3 +279,176 @@ def test_balance_identical_to_python(costs, num_parts, equal_count):
     if equal_count:
         sizes = np.diff(ptr)
         assert sizes.max() - sizes.min() <= 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Segment gather (_native.gather_segments), the copy behind the packed-dataset builder
+# ---------------------------------------------------------------------------------------------------------------
+
+GATHER_DTYPES = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64, np.bool_]
+
+
+def i64(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
+
+
+def gather_oracle(sources, chunks, starts, lengths, order):
+    """The definition, one Python slice per segment."""
+    idx = range(len(starts)) if order is None else order
+    parts = [sources[0 if chunks is None else chunks[j]][starts[j] : starts[j] + lengths[j]] for j in idx]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=sources[0].dtype)
+
+
+def random_segments(rng, dtype, n_sources, n_segments, n_order):
+    """Sources of one dtype with distinct-looking values, and random in-bounds segments (some empty) and an
+    order with repeats."""
+    info = np.iinfo(dtype) if dtype != np.bool_ else None
+    sources = []
+    for _ in range(n_sources):
+        size = int(rng.integers(0, 300))
+        if dtype == np.bool_:
+            sources.append(rng.random(size) < 0.5)
+        else:
+            sources.append(rng.integers(info.min, info.max, size, endpoint=True, dtype=dtype))
+    chunks = rng.integers(0, n_sources, n_segments).astype(np.int64)
+    sizes = np.array([len(s) for s in sources])[chunks]
+    starts = (rng.random(n_segments) * (sizes + 1)).astype(np.int64)
+    lengths = (rng.random(n_segments) * (sizes - starts + 1)).astype(np.int64)
+    order = rng.integers(0, n_segments, n_order).astype(np.int64) if n_segments else i64([])
+    return sources, chunks, starts, lengths, order
+
+
+@pytest.mark.parametrize("dtype", GATHER_DTYPES)
+def test_gather_matches_slicing_for_every_value_dtype(dtype):
+    rng = np.random.default_rng(20)
+    for n_sources in (1, 4):
+        sources, chunks, starts, lengths, order = random_segments(rng, dtype, n_sources, 200, 500)
+        want = gather_oracle(sources, chunks, starts, lengths, order)
+        out = np.empty(len(want), dtype=dtype)
+        assert _native.gather_segments(sources, chunks, starts, lengths, order, out) == len(want)
+        np.testing.assert_array_equal(out, want)
+        assert out.dtype == dtype
+
+
+def test_gather_one_source_without_chunks_or_order():
+    values = np.arange(100, 120, dtype=np.int32)
+    starts, lengths = i64([5, 0, 19, 3]), i64([3, 2, 1, 0])
+    out = np.full(6, -1, dtype=np.int32)
+    assert _native.gather_segments([values], None, starts, lengths, None, out) == 6
+    assert out.tolist() == [105, 106, 107, 100, 101, 119]
+    out = np.full(7, -1, dtype=np.int32)
+    _native.gather_segments([values], None, starts, lengths, i64([2, 0, 2, 3, 1]), out)
+    assert out.tolist() == [119, 105, 106, 107, 119, 100, 101]
+
+
+def test_gather_empty_inputs():
+    values = np.arange(4, dtype=np.int64)
+    out = np.empty(0, dtype=np.int64)
+    assert _native.gather_segments([values], None, i64([]), i64([]), None, out) == 0
+    assert _native.gather_segments([values], None, i64([2, 4]), i64([0, 0]), i64([1, 0, 1]), out) == 0
+    empty = np.empty(0, dtype=np.int64)
+    assert _native.gather_segments([empty], None, i64([0]), i64([0]), None, out) == 0
+
+
+def test_gather_reads_sources_in_place_and_writes_only_out():
+    sources = [np.arange(10, dtype=np.int64), np.arange(50, 60, dtype=np.int64)]
+    sources[1].flags.writeable = False  # arrow buffers come to numpy read-only
+    before = [s.copy() for s in sources]
+    out = np.empty(7, dtype=np.int64)
+    _native.gather_segments(sources, i64([1, 0]), i64([2, 6]), i64([3, 4]), None, out)
+    assert out.tolist() == [52, 53, 54, 6, 7, 8, 9]
+    for s, b in zip(sources, before):
+        np.testing.assert_array_equal(s, b)
+
+
+@pytest.mark.parametrize("case,message", [
+    (dict(order=[0, 2]), r"order\[1\] = 2 is not a segment index in \[0, 2\)"),
+    (dict(order=[-1]), r"order\[0\] = -1"),
+    (dict(chunks=[0, 2]), r"chunks\[1\] = 2 is not a source index in \[0, 2\)"),
+    (dict(chunks=[-1, 0]), r"chunks\[0\] = -1"),
+    (dict(starts=[-1, 0]), r"segment 0 = \[-1, -1 \+ 2\) lies outside source 0 of 5 elements"),
+    (dict(starts=[4, 0]), r"segment 0 = \[4, 4 \+ 2\) lies outside source 0 of 5 elements"),
+    (dict(starts=[2**62, 0]), r"segment 0 .* lies outside"),
+    (dict(lengths=[-2, 1]), r"lengths\[0\] = -2 is negative"),
+    (dict(lengths=[2**62, 1]), r"lies outside source 0"),
+    (dict(out=4), r"the segments hold more than the 4 elements of the output"),
+    (dict(out=9), r"the segments hold 5 elements but the output has 9"),
+])
+def test_gather_bad_indices_raise_instead_of_touching_memory(case, message):
+    """Every index is checked before use: bad input raises ValueError (under ASan/UBSan too, where an out-of-bounds
+    read or write would abort the run)."""
+    sources = [np.arange(5, dtype=np.int64), np.arange(10, 13, dtype=np.int64)]
+    args = dict(chunks=[0, 1], starts=[1, 0], lengths=[2, 3], order=None, out=5)
+    args.update(case)
+    out = np.zeros(args["out"], dtype=np.int64)
+    with pytest.raises(ValueError, match=message):
+        _native.gather_segments(sources, i64(args["chunks"]), i64(args["starts"]), i64(args["lengths"]),
+                                None if args["order"] is None else i64(args["order"]), out)
+
+
+def test_gather_rejects_bad_arrays():
+    v = np.arange(10, dtype=np.int64)
+    s, n = i64([0]), i64([2])
+    out = np.empty(2, dtype=np.int64)
+    with pytest.raises(TypeError, match="has another dtype than out"):
+        _native.gather_segments([v.astype(np.int32)], None, s, n, None, out)
+    with pytest.raises(TypeError, match="has another dtype than out"):
+        _native.gather_segments([v, v.astype(np.uint64)], i64([0]), s, n, None, out)
+    with pytest.raises(TypeError, match="integers or booleans"):
+        _native.gather_segments([v.astype(np.float64)], None, s, n, None, out.astype(np.float64))
+    with pytest.raises(TypeError, match="C-contiguous"):
+        _native.gather_segments([np.arange(20, dtype=np.int64)[::2]], None, s, n, None, out)
+    with pytest.raises(TypeError, match=r"sources\[0\] must be a numpy array"):
+        _native.gather_segments([list(range(10))], None, s, n, None, out)
+    with pytest.raises(ValueError, match="must be 1-D"):
+        _native.gather_segments([v.reshape(2, 5)], None, s, n, None, out)
+    with pytest.raises(TypeError):  # index arrays must be int64 already (never converted)
+        _native.gather_segments([v], None, s.astype(np.int32), n, None, out)
+    with pytest.raises(TypeError, match="order must be None or a C-contiguous int64"):
+        _native.gather_segments([v], None, s, n, [0], out)
+    with pytest.raises(ValueError, match="one entry per segment"):
+        _native.gather_segments([v], None, i64([0, 1]), n, None, out)
+    with pytest.raises(ValueError, match="at least one source"):
+        _native.gather_segments([], None, s, n, None, out)
+    with pytest.raises(ValueError, match="several sources need a chunk index"):
+        _native.gather_segments([v, v], None, s, n, None, out)
+    with pytest.raises(ValueError, match="overlaps the output"):
+        _native.gather_segments([v], None, s, n, None, v[3:5])
+    read_only = out.copy()
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError):
+        _native.gather_segments([v], None, s, n, None, read_only)
+
+
+def test_gather_releases_the_gil():
+    """As for pack_bfd: the main thread runs Python while a long gather is inside C++."""
+    rng = np.random.default_rng(21)
+    values = rng.integers(0, 2**31 - 1, 12_000_000, dtype=np.int32)
+    lengths = np.full(60_000, 200, dtype=np.int64)
+    starts = rng.integers(0, len(values) - 200, len(lengths)).astype(np.int64)
+    order = rng.permutation(len(lengths)).astype(np.int64)
+    out = np.empty(int(lengths.sum()), dtype=np.int32)
+    started, finished = threading.Event(), threading.Event()
+
+    def worker():
+        started.set()
+        for _ in range(3):
+            _native.gather_segments([values], None, starts, lengths, order, out)
+        finished.set()
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(30.0)
+    try:
+        thread = threading.Thread(target=worker)
+        thread.start()
+        started.wait()
+        finished_on_resume = finished.is_set()
+        python_work = sum(i * i for i in range(2000))
+        finished.wait()
+        thread.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not finished_on_resume, "the main thread could not run during gather_segments: the GIL was held"
+    assert python_work == sum(i * i for i in range(2000))
+    j = int(order[12_345])
+    np.testing.assert_array_equal(out[12_345 * 200 : 12_346 * 200], values[starts[j] : starts[j] + 200])
