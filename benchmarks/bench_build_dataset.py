@@ -12,6 +12,7 @@ TRL over the whole dataset in one batch (the same BFD as ours: the rows must be 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -62,21 +63,36 @@ def tokenised_datasets(replicate_rows: int):
     return out
 
 
-def best_times(fns, rounds: int, inner: int):
-    """Best wall and best CPU (process) time, and the last result, of each function. In each of ``rounds`` rounds
-    every function runs ``inner`` times in a row (timeit-style: warm caches for whichever runs), the functions
-    taking turns between rounds so that load from other processes on a shared machine falls on all of them alike.
-    CPU time is the steadier figure there (every builder here runs on one thread)."""
-    wall, cpu, results = [float("inf")] * len(fns), [float("inf")] * len(fns), [None] * len(fns)
+def timed_rounds(fns, rounds: int, inner: int):
+    """Wall and CPU (process) time of each function in each round, and the last result of each.
+
+    In every round each function runs ``inner`` times in a row (timeit-style: warm caches for whichever runs) and
+    the round keeps its best run; the functions take turns between rounds, so that load from other processes on a
+    shared machine falls on all of them alike and a per-round ratio compares runs made under the same load. Every
+    run starts after ``gc.collect()`` (the collection itself is not timed). Returns ``(wall, cpu, results)`` with
+    ``wall[i][r]`` the best wall time of function ``i`` in round ``r``."""
+    wall = [[] for _ in fns]
+    cpu = [[] for _ in fns]
+    results = [None] * len(fns)
     for _ in range(rounds):
         for i, fn in enumerate(fns):
+            best_w = best_c = float("inf")
             for _ in range(inner):
+                results[i] = None
                 gc.collect()
                 w0, c0 = time.perf_counter(), time.process_time()
                 results[i] = fn()
-                wall[i] = min(wall[i], time.perf_counter() - w0)
-                cpu[i] = min(cpu[i], time.process_time() - c0)
+                best_w = min(best_w, time.perf_counter() - w0)
+                best_c = min(best_c, time.process_time() - c0)
+            wall[i].append(best_w)
+            cpu[i].append(best_c)
     return wall, cpu, results
+
+
+def spread(values, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
+    """'median [min-max]' of a list of numbers."""
+    v = np.asarray(values, dtype=float) * scale
+    return f"{fmt.format(np.median(v))} [{fmt.format(v.min())}-{fmt.format(v.max())}]"
 
 
 def row_layout(ds):
@@ -91,15 +107,70 @@ def same_rows(a, b) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(row_layout(a), row_layout(b)))
 
 
+def gather_section(ds, capacity: int, repeats: int) -> str:
+    """Time the segment gather alone on one dataset: each column's samples in packed order, per implementation,
+    against a plain sequential copy of the same bytes (np.copyto) and arrow's list-view take + flatten (the
+    builder's previous method). Output arrays are preallocated and reused, so page faults are not counted."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from benchmarks._report import markdown_table
+    from opensloth.data.packed import _list_column
+    from opensloth.packing import available_backends, pack_lengths
+    from opensloth.packing._gather import check_segments, run_gather
+
+    table = ds.with_format("arrow")[:]
+    rows = []
+    for name in ("input_ids", "labels"):
+        col = _list_column(table, name)
+        lengths = np.minimum(col.lengths, capacity)
+        order = pack_lengths(lengths, capacity).items
+        seg = check_segments(col.sources, col.starts, lengths, order, chunks=col.chunks)
+        out = np.empty(seg.size, dtype=seg.dtype)
+        flat = np.concatenate(col.sources)[: seg.size].copy()
+        base = np.cumsum([0] + [len(s) for s in col.sources[:-1]])
+        gstarts = col.starts + (base[col.chunks] if col.chunks is not None else 0)
+        view = pa.ListViewArray.from_arrays(pa.array(gstarts, type=pa.int32()), pa.array(lengths, type=pa.int32()),
+                                            pa.array(np.concatenate(col.sources)))
+        ref = None
+        cases = [(f"gather {b}", functools.partial(run_gather, seg, out, b))
+                 for b in ("native", "numba", "numpy") if b == "numpy" or b in available_backends()]
+        cases += [("np.copyto (sequential copy, same bytes)", functools.partial(np.copyto, out, flat)),
+                  ("arrow list-view take + flatten (one flat source)",
+                   lambda view=view, order=order: pc.list_flatten(view.take(order)))]
+        for label, fn in cases:
+            fn()  # warm-up (numba compiles or loads its cache)
+            if label.startswith("gather"):
+                ref = out.copy() if ref is None else ref
+                assert np.array_equal(out, ref), f"{label} differs"
+            times = []
+            for _ in range(repeats):
+                gc.collect()
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            gbs = seg.size * seg.dtype.itemsize / np.median(times) / 1e9
+            rows.append([name, str(seg.dtype), seg.size, len(col.sources), label, spread(times, 1e3),
+                         f"{gbs:.2f}"])
+    header = ["column", "dtype", "tokens", "source chunks", "method", "ms median [min-max]", "GB/s copied"]
+    return markdown_table(header, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--capacities", type=int, nargs="+", default=[2048, 4096, 8192])
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of timed runs, builders taking turns (at most 3 on sets over 50k rows)")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="rounds of timed runs, builders taking turns (--big-rounds on sets over 50k rows)")
     parser.add_argument("--inner", type=int, default=3,
-                        help="consecutive runs of each builder per round (1 on sets over 50k rows)")
+                        help="consecutive runs of each builder per round, the round keeping the best (1 on sets "
+                             "over 50k rows)")
+    parser.add_argument("--big-rounds", type=int, default=5, help="rounds on sets over 50k rows")
     parser.add_argument("--replicate-rows", type=int, default=100_000,
                         help="rows of the replicated set (0: none)")
+    parser.add_argument("--datasets", nargs="+", default=None,
+                        help="only these datasets (alpaca gsm8k hh_rlhf arena_hard all, or 'big' for the "
+                             "replicated set); implies --no-write")
+    parser.add_argument("--gather-repeats", type=int, default=9, help="runs per method in the gather section")
     parser.add_argument("--backend", default=None, help="packing backend for ours (default: OPENSLOTH_BACKEND/auto)")
     parser.add_argument("--no-write", action="store_true", help="print the table, do not write the results file")
     args = parser.parse_args()
@@ -109,64 +180,83 @@ def main() -> None:
     from benchmarks._report import machine_header, markdown_table, write_result
     from opensloth.data.packed import build_packed_dataset
     from opensloth.packing import get_backend
+    from opensloth.packing._gather import gather_backend
 
     backend = args.backend or get_backend()
+    gather = gather_backend(backend)
     t0 = time.perf_counter()
     data = tokenised_datasets(args.replicate_rows)
+    big_name = next((n for n in data if n.startswith("all x")), None)
+    if args.datasets:
+        wanted = {big_name if n == "big" else n for n in args.datasets}
+        data = {n: d for n, d in data.items() if n in wanted}
+        args.no_write = True
     print(f"tokenised {len(data)} datasets in {time.perf_counter() - t0:.1f}s", flush=True)
-    build_packed_dataset(data["alpaca"], 2048, backend=backend)  # warm-up: imports, JIT
+    first = next(iter(data.values()))
+    build_packed_dataset(first.select(range(min(100, len(first)))), 2048, backend=backend)  # warm-up: imports, JIT
 
     rows = []
     for name, ds in data.items():
         lengths = np.asarray(ds.with_format("arrow")[:].column("input_ids").combine_chunks().value_lengths())
         for cap in args.capacities:
             big = len(ds) > 50_000
-            wall, cpu, ((ours, stats), trl, whole) = best_times([
+            wall, cpu, ((ours, stats), trl, whole) = timed_rounds([
                 lambda ds=ds, cap=cap: build_packed_dataset(ds, cap, backend=backend, return_stats=True,
                                                             progress=False),
                 lambda ds=ds, cap=cap: pack_dataset(ds, cap, strategy="bfd"),
                 lambda ds=ds, cap=cap: pack_dataset(ds, cap, strategy="bfd", map_kwargs={"batch_size": len(ds)}),
-            ], min(args.rounds, 3) if big else args.rounds, 1 if big else args.inner)
+            ], args.big_rounds if big else args.rounds, 1 if big else args.inner)
             kept = int(np.minimum(lengths, cap).sum())
             bound = -(-kept // cap)
             identical = same_rows(ours, whole)
             assert stats.n_tokens == kept and stats.lower_bound == bound
-
-            def ms(i, wall=wall, cpu=cpu):
-                return f"{wall[i] * 1e3:.1f} / {cpu[i] * 1e3:.1f}"
-
-            def ratio(i, wall=wall, cpu=cpu):
-                return f"{wall[i] / wall[0]:.1f}x / {cpu[i] / cpu[0]:.1f}x"
-
+            ratio = [np.asarray(t) / np.asarray(wall[0]) for t in wall]
+            cpu_ratio = [np.median(np.asarray(t) / np.asarray(cpu[0])) for t in cpu]
             rows.append([
-                name, len(ds), cap, int((lengths > cap).sum()), ms(0), ms(1), ms(2), ratio(1), ratio(2),
+                name, len(ds), cap, int((lengths > cap).sum()),
+                spread(wall[0], 1e3, "{:.2f}" if np.median(wall[0]) < 0.1 else "{:.1f}"), spread(wall[1], 1e3),
+                spread(wall[2], 1e3), spread(ratio[1], fmt="{:.1f}x"), spread(ratio[2], fmt="{:.1f}x"),
+                f"{cpu_ratio[1]:.1f}x / {cpu_ratio[2]:.1f}x",
                 len(ours), f"+{len(ours) - bound}", f"+{len(trl) - bound}", f"+{len(whole) - bound}",
                 "yes" if identical else "NO",
             ])
             print(" | ".join(str(v) for v in rows[-1]), flush=True)
 
-    header = ["dataset", "samples", "capacity", "overlong (truncated)", "ours ms wall / cpu",
-              "TRL ms (1000-row batches) wall / cpu", "TRL ms (whole dataset) wall / cpu",
-              "speed-up vs TRL wall / cpu", "speed-up vs TRL whole wall / cpu", "rows (ours)",
-              "ours over bound", "TRL over bound", "TRL whole over bound", "rows identical to TRL whole"]
+    header = ["dataset", "samples", "capacity", "overlong (truncated)", "ours ms", "TRL ms (1000-row batches)",
+              "TRL ms (whole dataset)", "speed-up vs TRL", "speed-up vs TRL whole", "speed-up by CPU time (TRL / "
+              "TRL whole)", "rows (ours)", "ours over bound", "TRL over bound", "TRL whole over bound",
+              "rows identical to TRL whole"]
     table = markdown_table(header, rows)
+    rounds = (f"{args.rounds} rounds x best of {args.inner} consecutive runs ({args.big_rounds} x 1 on sets over "
+              "50k rows)")
     notes = (
-        f"Ours: `build_packed_dataset(ds, capacity)` (overlong='truncate', BFD over the whole dataset, backend "
-        f"`{backend}`). TRL: `pack_dataset(ds, capacity, strategy='bfd')` (its default 1000-row map batches), and "
-        "with `map_kwargs={'batch_size': len(ds)}` (one batch: the same BFD as ours). Times are the best of "
-        f"{args.rounds} rounds x {args.inner} consecutive runs per builder ({min(args.rounds, 3)} x 1 on sets over "
-        "50k rows), the builders taking turns between rounds, on in-memory datasets with columns input_ids and "
-        "labels, including reading the columns and building the output Dataset; wall = elapsed time, cpu = this "
-        "process's CPU time (steadier when other processes share the cores). 'over bound' = rows - ceil(tokens / "
-        "capacity). 'identical' "
-        "compares every row's tokens and seq_lengths with TRL over the whole dataset."
+        f"Ours: `build_packed_dataset(ds, capacity)` (overlong='truncate', BFD over the whole dataset, packing "
+        f"backend `{backend}`, gather `{gather}`). TRL: `pack_dataset(ds, capacity, strategy='bfd')` (its default "
+        "1000-row map batches), and with `map_kwargs={'batch_size': len(ds)}` (one batch: the same BFD as ours). "
+        f"Timing: {rounds} per builder, the builders taking turns between rounds, each run after gc.collect(), on "
+        "in-memory datasets with columns input_ids (int32) and labels (int64), including reading the columns and "
+        "building the output Dataset. Times are wall-clock ms, 'median [min-max]' over the rounds; a speed-up is "
+        "TRL's time / ours in the same round, 'median [min-max]' over the rounds (the CPU-time column: the median "
+        "of the same ratio on process CPU time, steadier when other processes share the cores). 'over bound' = "
+        "rows - ceil(tokens / capacity). 'identical' compares every row's tokens and seq_lengths with TRL over the "
+        "whole dataset."
     )
     print(table)
+    sections = [("Build time and rows", notes + "\n\n" + table)]
+    if big_name in data:
+        gtable = gather_section(data[big_name], 4096, args.gather_repeats)
+        print(gtable)
+        sections.append(("The gather alone", (
+            f"The token copy inside the build, on `{big_name}` at capacity 4096: every sample's tokens in packed "
+            "order from the column's arrow chunks (read in place) into one preallocated output, by "
+            "`opensloth.packing._gather.run_gather` per implementation (validated once beforehand, not timed), "
+            "against a sequential copy of the same number of bytes and against arrow's list-view take + flatten "
+            f"(the builder's previous method). {args.gather_repeats} runs each, after gc.collect(); GB/s = output "
+            "bytes / median time.\n\n" + gtable)))
     if not args.no_write:
         command = "python benchmarks/bench_build_dataset.py " + " ".join(sys.argv[1:])
         path = write_result("build_dataset", "Packed-dataset build: opensloth vs TRL pack_dataset (BFD)",
-                            [("Build time and rows", notes + "\n\n" + table)],
-                            header=machine_header(command=command.strip()))
+                            sections, header=machine_header(command=command.strip()))
         print(f"wrote {path}")
 
 

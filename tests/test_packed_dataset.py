@@ -288,21 +288,29 @@ def test_chunked_gather_matches_one_chunk():
             == whole.to_dict()
 
 
+@pytest.mark.parametrize("combine", [False, True])
 @pytest.mark.parametrize("policy", ["truncate", "split", "drop"])
-def test_numpy_gather_fallback_matches_list_view(monkeypatch, policy):
-    """The element-gather fallback (pyarrow without list views) builds the same rows as the list-view path."""
+def test_every_gather_path_builds_the_expected_rows(backend, policy, combine, monkeypatch):
+    """Each backend (native, numba, python -> the numpy gather) builds the same rows, which hold exactly the
+    expected tokens, from several arrow chunks read in place (or combined first, as for many tiny chunks), into
+    several output chunks, with assistant-mask labels."""
     import opensloth.data.packed as packed_mod
 
-    ds = datasets.Dataset.from_dict({
-        "input_ids": [list(range(i * 100, i * 100 + n)) for i, n in enumerate([3, 17, 0, 9, 12, 1, 30])],
-        "assistant_masks": [[j % 2 for j in range(n)] for n in [3, 17, 0, 9, 12, 1, 30]]})
-    fast = build_packed_dataset(ds, 10, overlong=policy, chunk_tokens=11)
-    monkeypatch.setattr(packed_mod, "_GATHER", "numpy")
-    slow = build_packed_dataset(ds, 10, overlong=policy, chunk_tokens=11)
-    assert slow.to_dict() == fast.to_dict()
-    ids = ds["input_ids"]
+    monkeypatch.setattr(packed_mod, "_MIN_ROWS_PER_CHUNK", 64 if combine else 1)
+    lens = [3, 17, 0, 9, 12, 1, 30, 4, 0, 11]
+    ids = [list(range(i * 100, i * 100 + n)) for i, n in enumerate(lens)]
+    masks = [[j % 2 for j in range(n)] for n in lens]
+    part = [datasets.Dataset.from_dict({"input_ids": ids[a:b], "assistant_masks": masks[a:b]})
+            for a, b in [(0, 4), (4, 5), (5, 10)]]
+    ds = datasets.concatenate_datasets(part)
+    assert ds.data.column("input_ids").num_chunks == 3
+    assert len(packed_mod._list_column(ds.data.table, "input_ids").sources) == (1 if combine else 3)
+    got = build_packed_dataset(ds, 10, overlong=policy, chunk_tokens=11, backend=backend)
+    assert got.data.column("input_ids").num_chunks > 1
     labels = [[t if j % 2 else -100 for j, t in enumerate(r)] for r in ids]
-    assert Counter(unpack(slow, 10)) == Counter(expected_samples(ids, labels, 10, policy))
+    assert Counter(unpack(got, 10)) == Counter(expected_samples(ids, labels, 10, policy))
+    ref = build_packed_dataset(datasets.Dataset.from_dict(ds.to_dict()), 10, overlong=policy, backend="python")
+    assert got.to_dict() == ref.to_dict()
 
 
 def test_indices_mapping_and_multiple_arrow_chunks():
@@ -410,6 +418,132 @@ def test_importing_the_module_imports_no_trainer_stack():
             "bad = [m for m in ('datasets', 'trl', 'unsloth') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The segment gather behind the builder (opensloth.packing._gather): every implementation, one oracle
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gather_name(backend):
+    """The gather implementation that goes with each packing backend (python -> numpy)."""
+    return {"python": "numpy"}.get(backend, backend)
+
+
+def slices_oracle(values, starts, lengths, order=None, chunks=None):
+    sources = [values] if isinstance(values, np.ndarray) else values
+    idx = range(len(starts)) if order is None else order
+    out = []
+    for j in idx:
+        src = sources[0 if chunks is None else chunks[j]]
+        out.extend(src[starts[j] : starts[j] + lengths[j]].tolist())
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), dtype=st.sampled_from([np.int8, np.uint16, np.int32, np.int64, np.uint64, np.bool_]),
+       n_sources=st.integers(1, 3))
+def test_gather_property_every_implementation_equals_slicing(data, dtype, n_sources):
+    from opensloth.packing import backend_error
+    from opensloth.packing._gather import GATHER_BACKENDS, gather_segments
+
+    sizes = data.draw(st.lists(st.integers(0, 12), min_size=n_sources, max_size=n_sources))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    sources = [(rng.random(n) < 0.5) if dtype == np.bool_ else
+               rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max, n, endpoint=True, dtype=dtype) for n in sizes]
+    segs = data.draw(st.lists(st.integers(0, n_sources - 1).flatmap(
+        lambda c: st.integers(0, sizes[c]).flatmap(
+            lambda a: st.integers(a, sizes[c]).map(lambda b: (c, a, b - a)))), max_size=10))
+    chunks = [c for c, _, _ in segs]
+    starts = [a for _, a, _ in segs]
+    lengths = [n for _, _, n in segs]
+    order = data.draw(st.none() | st.lists(st.integers(0, len(segs) - 1), max_size=15) if segs else st.none())
+    want = slices_oracle(sources, starts, lengths, order, chunks)
+    for name in GATHER_BACKENDS:
+        if name != "numpy" and backend_error(name) is not None:
+            continue
+        got = gather_segments(sources, starts, lengths, order, chunks=chunks if n_sources > 1 or segs else None,
+                              backend=name)
+        assert got.dtype == dtype and got.tolist() == want, name
+
+
+def test_gather_large_random_input_same_on_every_implementation(gather_name):
+    from opensloth.packing._gather import gather_segments
+
+    rng = np.random.default_rng(30)
+    sources = [rng.integers(-(2**40), 2**40, int(n)) for n in rng.integers(0, 5000, 8)]
+    n = 3000
+    chunks = rng.integers(0, 8, n)
+    sizes = np.array([len(s) for s in sources])[chunks]
+    starts = (rng.random(n) * (sizes + 1)).astype(np.int64)
+    lengths = np.minimum(rng.integers(0, 300, n), sizes - starts)
+    order = rng.permutation(n)[: n - 100]
+    want = np.concatenate([sources[chunks[j]][starts[j] : starts[j] + lengths[j]] for j in order])
+    out = np.empty(want.shape[0], dtype=np.int64)
+    got = gather_segments(sources, starts, lengths, order, chunks=chunks, out=out, backend=gather_name)
+    assert got is out
+    np.testing.assert_array_equal(out, want)
+
+
+def test_gather_backend_choice(monkeypatch):
+    from opensloth.packing._gather import gather_backend
+
+    assert gather_backend("python") == gather_backend("numpy") == "numpy"
+    monkeypatch.setenv("OPENSLOTH_BACKEND", "python")
+    assert gather_backend(None) == "numpy", "None follows the packing backend in use"
+    assert gather_backend("auto") in ("native", "numba", "numpy")
+    with pytest.raises(ValueError, match="unknown gather backend 'cuda'"):
+        gather_backend("cuda")
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(values=np.arange(5.0)), TypeError, r"values has dtype float64; token and label values must be integers"),
+    (dict(values=[np.arange(5), np.arange(5, dtype=np.int32)], chunks=[0]), TypeError,
+     r"values\[1\] has dtype int32 but values\[0\] has int64"),
+    (dict(values=[]), ValueError, "values is an empty sequence"),
+    (dict(values="abc"), TypeError, "values must be a numpy array or a sequence of them"),
+    (dict(values=np.arange(6).reshape(2, 3)), ValueError, r"values must be 1-D, got shape \(2, 3\)"),
+    (dict(starts=[0.5]), TypeError, "starts must hold integers, got dtype float64"),
+    (dict(starts=[[0]]), ValueError, "starts must be a 1-D array"),
+    (dict(lengths=[1, 2]), ValueError, "starts has 1 entries but lengths has 2"),
+    (dict(lengths=[-1]), ValueError, r"lengths\[0\] = -1 is negative"),
+    (dict(starts=[4], lengths=[2]), ValueError, r"segment 0 = \[4, 4 \+ 2\) lies outside its source array of 5"),
+    (dict(starts=[-1]), ValueError, r"segment 0 = \[-1, -1 \+ 2\) lies outside"),
+    (dict(order=[1]), ValueError, r"order\[0\] = 1 is not a segment index in \[0, 1\)"),
+    (dict(values=[np.arange(5), np.arange(5)]), ValueError, "pass chunks"),
+    (dict(chunks=[3]), ValueError, r"chunks\[0\] = 3 is not an index into values \(1 arrays\)"),
+    (dict(chunks=[0, 0]), ValueError, "chunks has 2 entries but there are 1 segments"),
+    (dict(out=np.empty(3, dtype=np.int64)), ValueError, "out has 3 elements but the segments hold 2"),
+    (dict(out=np.empty(2, dtype=np.int32)), TypeError, "out has dtype int32 but the values have int64"),
+    (dict(out=np.empty(4, dtype=np.int64)[::2]), ValueError, "writeable, C-contiguous 1-D"),
+    (dict(out=[0, 0]), TypeError, "out must be a numpy array"),
+])
+def test_gather_validation_messages_are_the_same_on_every_implementation(gather_name, kwargs, error, message):
+    from opensloth.packing._gather import gather_segments
+
+    args = dict(values=np.arange(5), starts=[1], lengths=[2], order=None, chunks=None, out=None)
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        gather_segments(args.pop("values"), args.pop("starts"), args.pop("lengths"), args.pop("order"),
+                        backend=gather_name, **args)
+
+
+def test_gather_refuses_an_output_that_overlaps_the_values(gather_name):
+    from opensloth.packing._gather import gather_segments
+
+    values = np.arange(10)
+    with pytest.raises(ValueError, match="overlaps"):
+        gather_segments(values, [0], [2], out=values[5:7], backend=gather_name)
+
+
+def test_gather_copies_strided_values_and_accepts_lists_of_indices(gather_name):
+    from opensloth.packing._gather import gather_segments
+
+    values = np.arange(20, dtype=np.int16)[::2]  # 0, 2, ..., 18: not contiguous
+    got = gather_segments(values, [1, 7], [2, 3], [1, 0, 1], backend=gather_name)
+    assert got.dtype == np.int16 and got.tolist() == [14, 16, 18, 2, 4, 14, 16, 18]
+    assert gather_segments(values, [], [], backend=gather_name).tolist() == []
 
 
 # ---------------------------------------------------------------------------------------------------------------

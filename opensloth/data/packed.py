@@ -1,8 +1,10 @@
 """Packed-dataset builder: a tokenised ``datasets.Dataset`` into rows of at most ``capacity`` tokens.
 
 Every sample of the whole dataset is placed at once by ``opensloth.packing.pack_lengths`` (best-fit decreasing by
-default; no 1000-row chunks), then the rows are assembled with one vectorised gather over the arrow columns' flat
-values, driven by their offsets: no per-sample Python loop. For the same truncation the rows are identical to TRL's
+default; no 1000-row chunks), then each output column is assembled by one segment gather
+(``opensloth.packing._gather``: native ``memcpy`` per sample, or numba / numpy) that reads every sample's tokens in
+place from the arrow chunks of the input column, located by their offsets: no per-sample Python loop and no copy of
+the input. For the same truncation the rows are identical to TRL's
 ``pack_dataset(strategy="bfd")`` run over the whole dataset in one batch (same best-fit rule, same FIFO tie-break, same
 row and sample order).
 
@@ -18,7 +20,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -75,7 +77,7 @@ class PackingStats:
         return self.n_rows - self.lower_bound
 
     def to_json(self) -> str:
-        return json.dumps({_STATS_KEY: asdict(self)}, sort_keys=True)
+        return json.dumps({_STATS_KEY: dict(vars(self))}, sort_keys=True)
 
     def summary(self) -> str:
         """One line for logs."""
@@ -130,13 +132,26 @@ def _check_capacity(capacity: Any) -> int:
     return capacity
 
 
-def _list_column(table, name: str, *, allow_bool: bool = False):
-    """Read a list column without copying its values: ``(starts, lengths, values_fn, value_type)``.
+# A column stored in many small arrow chunks is combined into one first: below this many rows per chunk the
+# per-chunk Python work costs more than copying the column once.
+_MIN_ROWS_PER_CHUNK = 64
 
-    ``starts``/``lengths`` (int64 numpy, one per row) locate row ``i`` at ``values[starts[i] : starts[i] +
-    lengths[i]]`` in the flat array that ``values_fn()`` returns: the column's own values buffer when it has one
-    chunk, else the concatenation of its chunks' values (built only when called, so one column at a time is copied).
-    """
+
+@dataclass
+class _Column:
+    """A list column read in place: row ``i`` is ``sources[chunks[i]][starts[i] : starts[i] + lengths[i]]``
+    (``chunks`` None: every row is in ``sources[0]``). ``sources`` are numpy views of the arrow values buffers
+    (copies only for boolean columns, which arrow stores as bits)."""
+
+    sources: list
+    chunks: np.ndarray | None
+    starts: np.ndarray
+    lengths: np.ndarray
+    value_type: Any
+
+
+def _list_column(table, name: str, *, allow_bool: bool = False) -> _Column:
+    """Read list column ``name`` of an arrow table without copying its values (see ``_Column``)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -152,73 +167,34 @@ def _list_column(table, name: str, *, allow_bool: bool = False):
     if not (pa.types.is_integer(vtype) or (allow_bool and pa.types.is_boolean(vtype))):
         kinds = "integers or booleans" if allow_bool else "integers"
         raise TypeError(f"column {name!r} holds lists of {vtype}; it must hold lists of {kinds}")
-    lengths = np.zeros(len(column), dtype=np.int64)
-    starts = np.zeros(len(column), dtype=np.int64)
-    pieces = []  # (values, first, count) of each chunk's used range of its values buffer
-    row = base = 0
-    for chunk in column.chunks:  # a loop over arrow chunks (about one per 1000 rows), not over samples
+    chunks = [column.chunk(0)] if column.num_chunks == 1 else [c for c in column.chunks if len(c)]
+    if len(chunks) > 1 and len(column) < _MIN_ROWS_PER_CHUNK * len(chunks):
+        chunks = [column.combine_chunks()]
+    n_rows = len(column)
+    lengths = np.empty(n_rows, dtype=np.int64)
+    starts = np.empty(n_rows, dtype=np.int64)
+    chunk_of = np.empty(n_rows, dtype=np.int64) if len(chunks) > 1 else None
+    sources = []
+    row = 0
+    for c, chunk in enumerate(chunks):  # a loop over arrow chunks (about one per 1000 rows), not over samples
         n = len(chunk)
-        if n == 0:
-            continue
-        offsets = chunk.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
-        first, count = int(offsets[0]), int(offsets[-1] - offsets[0])
-        starts[row : row + n] = offsets[:-1] - first + base
+        offsets = chunk.offsets.to_numpy(zero_copy_only=False)  # this chunk's n + 1 offsets into chunk.values
+        first, last = int(offsets[0]), int(offsets[-1])
+        np.subtract(offsets[:-1], first, out=starts[row : row + n], dtype=np.int64)
         if chunk.null_count:  # a null list counts as empty, whatever its offsets say
             lengths[row : row + n] = pc.list_value_length(chunk).fill_null(0).to_numpy(zero_copy_only=False)
         else:
-            lengths[row : row + n] = np.diff(offsets)
-        used = chunk.values.slice(first, count)
+            np.subtract(offsets[1:], offsets[:-1], out=lengths[row : row + n], dtype=np.int64)
+        used = chunk.values.slice(first, last - first)
         if used.null_count:
             raise ValueError(f"column {name!r} contains null values inside its lists; every token needs a value")
-        pieces.append((chunk.values, first, count))
+        sources.append(used.to_numpy(zero_copy_only=not pa.types.is_boolean(vtype)))
+        if chunk_of is not None:
+            chunk_of[row : row + n] = c
         row += n
-        base += count
-    if len(pieces) == 1:
-        values, first, _ = pieces[0]
-        starts += first
-
-        def values_fn():
-            return values
-    else:
-
-        def values_fn():
-            if not pieces:
-                return pa.array([], type=vtype)
-            return pa.concat_arrays([v.slice(f, c) for v, f, c in pieces])
-
-    return starts, lengths, values_fn, vtype
-
-
-# "listview": arrow's take over a list-view of the samples (a block copy per sample); "numpy": an element gather.
-_GATHER = "listview"
-
-
-def _make_gather(values, starts: np.ndarray, sizes: np.ndarray):
-    """A function mapping sample indices to the concatenation of those samples' tokens (an arrow array), where
-    sample ``j`` is ``values[starts[j] : starts[j] + sizes[j]]``."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if _GATHER == "listview" and hasattr(pa, "ListViewArray"):
-        big = len(values) > _INT32_MAX
-        cls, itype = (pa.LargeListViewArray, pa.int64()) if big else (pa.ListViewArray, pa.int32())
-        view = cls.from_arrays(pa.array(starts, type=itype), pa.array(sizes, type=itype), values)
-
-        def gather(samples: np.ndarray):
-            return pc.list_flatten(view.take(pa.array(samples)))
-
-        return gather
-
-    flat = values.to_numpy(zero_copy_only=False)
-
-    def gather(samples: np.ndarray):
-        lens = sizes[samples]
-        local = np.zeros(lens.shape[0] + 1, dtype=np.int64)
-        np.cumsum(lens, out=local[1:])
-        idx = np.repeat(starts[samples] - local[:-1], lens) + np.arange(local[-1], dtype=np.int64)
-        return pa.array(flat[idx], type=values.type)
-
-    return gather
+    if not sources:
+        sources.append(np.zeros(0, dtype=vtype.to_pandas_dtype()))
+    return _Column(sources, chunk_of, starts, lengths, vtype)
 
 
 def _read_columns(dataset):
@@ -235,7 +211,7 @@ def _read_columns(dataset):
     if "labels" in names and "assistant_masks" in names:
         logger.debug("build_packed_dataset: both labels and assistant_masks present; using labels")
     if getattr(dataset, "_indices", None) is None:
-        table = dataset.data.table.select(columns)  # zero-copy; the common case (no select/shuffle mapping)
+        table = dataset.data.table  # read in place: the common case (no select/shuffle mapping)
     else:
         table = dataset.with_format("arrow", columns=columns)[:]  # applies the indices mapping
     return table, label_source
@@ -319,24 +295,23 @@ def build_packed_dataset(
 
     start_time = time.perf_counter()
     table, label_source = _read_columns(dataset)
-    ids_starts, lengths, ids_values, ids_type = _list_column(table, "input_ids")
+    ids = _list_column(table, "input_ids")
+    lengths = ids.lengths
     n_input = int(lengths.shape[0])
     lab = None
     if label_source is not None:
-        lab_starts, lab_lengths, lab_values, lab_type = _list_column(table, label_source,
-                                                                  allow_bool=label_source == "assistant_masks")
-        bad = np.flatnonzero(lab_lengths != lengths)
-        if bad.size:
+        lab = _list_column(table, label_source, allow_bool=label_source == "assistant_masks")
+        if not np.array_equal(lab.lengths, lengths):
+            bad = np.flatnonzero(lab.lengths != lengths)
             i = int(bad[0])
-            raise ValueError(f"row {i}: {label_source} has {int(lab_lengths[i])} values but input_ids has "
+            raise ValueError(f"row {i}: {label_source} has {int(lab.lengths[i])} values but input_ids has "
                              f"{int(lengths[i])} tokens ({bad.size} rows differ); each row's {label_source} must "
                              "match its input_ids token for token")
-        lab = (lab_starts, lab_values, lab_type)
 
     # Which input rows survive, and as which samples (start offset into the flat values, length).
     empty = lengths == 0
     over = lengths > capacity
-    n_overlong = int(over.sum())
+    n_overlong = int(np.count_nonzero(over))
     if overlong == "error" and n_overlong:
         i = int(np.argmax(over))
         raise ValueError(
@@ -345,12 +320,15 @@ def build_packed_dataset(
             f"the first {capacity} tokens), 'split' (cut into {capacity}-token pieces) or 'drop'")
     keep = ~empty
     n_truncated = n_truncated_tokens = n_split = n_pieces = n_dropped = n_dropped_tokens = 0
-    if overlong == "drop":
+    if overlong == "drop" and n_overlong:
         keep &= ~over
         n_dropped, n_dropped_tokens = n_overlong, int(lengths[over].sum())
-    rows = np.flatnonzero(keep)
-    row_len = lengths[rows]
+    # src: the input row of each sample (None: sample i is row i, the common case of nothing empty, dropped or split)
+    rows = None if bool(keep.all()) else np.flatnonzero(keep)
+    row_len = lengths if rows is None else lengths[rows]
     if overlong == "split" and n_overlong:
+        if rows is None:
+            rows = np.arange(n_input, dtype=np.int64)
         counts = -(-row_len // capacity)  # ceil
         n_split, n_pieces = n_overlong, int(counts[row_len > capacity].sum())
         src = np.repeat(rows, counts)
@@ -359,12 +337,13 @@ def build_packed_dataset(
         sample_len = np.minimum(lengths[src] - piece_offset, capacity)
     else:
         src, piece_offset = rows, 0
-        sample_len = np.minimum(row_len, capacity)
+        sample_len = np.minimum(row_len, capacity) if n_overlong else row_len
         if overlong == "truncate":
             n_truncated = n_overlong
-            n_truncated_tokens = int((row_len - sample_len).sum())
+            n_truncated_tokens = int(row_len.sum() - sample_len.sum()) if n_overlong else 0
 
     from opensloth.packing import get_backend, pack_lengths
+    from opensloth.packing._gather import check_segments, gather_backend, run_gather
 
     n_samples = int(sample_len.shape[0])
     if n_samples:
@@ -373,64 +352,82 @@ def build_packed_dataset(
     else:
         order, bin_ptr = np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64)
     n_rows = int(bin_ptr.shape[0] - 1)
-
     lens_o = sample_len[order]
     tok_off = np.zeros(n_samples + 1, dtype=np.int64)
     np.cumsum(lens_o, out=tok_off[1:])
     n_tokens = int(tok_off[-1])
+    gather = gather_backend(backend)
 
-    label_type = None
-    if lab is not None:
-        label_type = lab[2]
-        if label_source == "assistant_masks":
-            label_type = ids_type if pa.types.is_signed_integer(ids_type) else pa.int64()
-
-    # Rows are assembled in chunks of about chunk_tokens tokens: each chunk gathers its samples' tokens (in row
-    # order) from the flat values and becomes one arrow chunk of the output columns. Columns go one after the
-    # other, so only one input column is ever materialised as a flat copy.
+    # Each column is gathered into one flat array (at memcpy speed by the native gather), in steps of about
+    # chunk_tokens tokens for the progress bar; each step's rows become one arrow chunk of the output, whose list
+    # offsets then fit int32 unless one step holds more than 2^31 tokens. One input column at a time is read.
     row_tok = tok_off[bin_ptr]
     n_chunks = max(1, math.ceil(n_tokens / chunk_tokens))
-    row_bounds = np.unique(np.concatenate([
-        [0, n_rows], np.searchsorted(row_tok, np.linspace(0, n_tokens, n_chunks + 1), side="left")]))
-    spans = list(zip(row_bounds[:-1].tolist(), row_bounds[1:].tolist()))
-    large = n_rows > 0 and int(np.diff(row_tok[row_bounds]).max()) > _INT32_MAX
-    list_cls, list_type, off_type = ((pa.LargeListArray, pa.large_list, pa.int64()) if large
-                                     else (pa.ListArray, pa.list_, pa.int32()))
-    offsets = [pa.array(row_tok[r0 : r1 + 1] - row_tok[r0], type=off_type) for r0, r1 in spans]
-    show = progress if progress is not None else (len(spans) > 1 and get_rank() == 0)
-    from tqdm.auto import tqdm
-
-    columns = [(ids_starts, ids_values)] + ([lab[:2]] if lab is not None else [])
-    with tqdm(total=n_tokens * len(columns), desc="packing rows", unit="tok", unit_scale=True,
-              disable=not show) as bar:
-
-        def gather_column(starts, values_fn):
-            gather = _make_gather(values_fn(), starts[src] + piece_offset, sample_len)
-            out = []
-            for r0, r1 in spans:
-                out.append(gather(order[bin_ptr[r0] : bin_ptr[r1]]))
-                bar.update(int(row_tok[r1] - row_tok[r0]))
-            return out
-
-        flat_ids = gather_column(*columns[0])
-        flat_lab = gather_column(*columns[1]) if lab is not None else None
-    input_ids = pa.chunked_array([list_cls.from_arrays(o, v) for o, v in zip(offsets, flat_ids)],
-                                 type=list_type(ids_type))
-    if label_source is None:
-        labels = input_ids  # arrow arrays are immutable: both columns share the buffers
+    if n_chunks == 1:
+        spans = [(0, n_rows)]
     else:
-        if label_source == "assistant_masks":
-            flat_lab = [pa.array(np.where(m.to_numpy(zero_copy_only=False) != 0, v.to_numpy(zero_copy_only=False),
-                                          -100), type=label_type) for m, v in zip(flat_lab, flat_ids)]
-        labels = pa.chunked_array([list_cls.from_arrays(o, v) for o, v in zip(offsets, flat_lab)],
-                                  type=list_type(label_type))
-    seq_lengths = pa.ListArray.from_arrays(pa.array(bin_ptr, type=pa.int32()),
-                                           pa.array(lens_o, type=pa.int32()))
+        row_bounds = np.unique(np.concatenate([
+            [0, n_rows], np.searchsorted(row_tok, np.linspace(0, n_tokens, n_chunks + 1), side="left")]))
+        spans = list(zip(row_bounds[:-1].tolist(), row_bounds[1:].tolist()))
+    large = n_rows > 0 and max(int(row_tok[r1] - row_tok[r0]) for r0, r1 in spans) > _INT32_MAX
+    list_cls, list_type, off_np = ((pa.LargeListArray, pa.large_list, np.int64) if large
+                                   else (pa.ListArray, pa.list_, np.int32))
+    show = progress if progress is not None else (len(spans) > 1 and get_rank() == 0)
+    bar = _progress(n_tokens * (1 if lab is None else 2), show)
+
+    def gather_column(col: _Column) -> np.ndarray:
+        if src is None:
+            starts, chunks = col.starts, col.chunks
+        else:
+            starts = col.starts[src] + piece_offset
+            chunks = None if col.chunks is None else col.chunks[src]
+        seg = check_segments(col.sources, starts, sample_len, order, chunks=chunks)
+        flat = _empty(n_tokens, seg.dtype)
+        if len(spans) == 1:
+            run_gather(seg, flat, gather)
+            bar.update(n_tokens)
+            return flat
+        for r0, r1 in spans:
+            k0, k1 = int(bin_ptr[r0]), int(bin_ptr[r1])
+            run_gather(seg, flat[tok_off[k0] : tok_off[k1]], gather, order=order[k0:k1])
+            bar.update(int(tok_off[k1] - tok_off[k0]))
+        return flat
+
+    span_offsets = [pa.array((row_tok[r0 : r1 + 1] - row_tok[r0]).astype(off_np)) for r0, r1 in spans]
+
+    def to_lists(flat: np.ndarray, vtype) -> Any:
+        values = pa.Array.from_buffers(vtype, flat.shape[0], [None, pa.py_buffer(flat)])  # zero-copy
+        if len(spans) == 1:
+            return pa.chunked_array([list_cls.from_arrays(span_offsets[0], values)], type=list_type(vtype))
+        pieces = []
+        for (r0, r1), offsets in zip(spans, span_offsets):
+            t0 = int(row_tok[r0])
+            pieces.append(list_cls.from_arrays(offsets, values.slice(t0, int(row_tok[r1]) - t0)))
+        return pa.chunked_array(pieces, type=list_type(vtype))
+
+    try:
+        flat_ids = gather_column(ids)
+        input_ids = to_lists(flat_ids, ids.value_type)
+        if lab is None:
+            labels = input_ids  # arrow arrays are immutable: both columns share the buffers
+        elif label_source == "assistant_masks":
+            mask = gather_column(lab)
+            signed = pa.types.is_signed_integer(ids.value_type)
+            flat_lab = flat_ids.astype(flat_ids.dtype if signed else np.int64)
+            flat_lab[mask == 0] = -100
+            del mask
+            labels = to_lists(flat_lab, ids.value_type if signed else pa.int64())
+        else:
+            labels = to_lists(gather_column(lab), lab.value_type)
+    finally:
+        bar.close()
+    seq_cls, seq_ptr = (pa.ListArray, np.int32) if n_samples <= _INT32_MAX else (pa.LargeListArray, np.int64)
+    seq_lengths = seq_cls.from_arrays(pa.array(bin_ptr.astype(seq_ptr)), pa.array(lens_o.astype(np.int32)))
     packed = pa.Table.from_arrays([input_ids, labels, seq_lengths], names=["input_ids", "labels", "seq_lengths"])
     stats = PackingStats(
         capacity=capacity, strategy=strategy, overlong=overlong,
         backend=backend if backend is not None else get_backend(),
-        n_input=n_input, n_empty=int(empty.sum()), n_overlong=n_overlong,
+        n_input=n_input, n_empty=int(np.count_nonzero(empty)), n_overlong=n_overlong,
         n_truncated=n_truncated, n_truncated_tokens=n_truncated_tokens, n_split=n_split, n_split_pieces=n_pieces,
         n_dropped=n_dropped, n_dropped_tokens=n_dropped_tokens, n_samples=n_samples, n_tokens=n_tokens,
         n_rows=n_rows, lower_bound=-(-n_tokens // capacity),
@@ -439,11 +436,38 @@ def build_packed_dataset(
     )
     packed = _finish(packed, dataset, stats)
     lost = stats.n_truncated_tokens + stats.n_dropped_tokens
-    logger.log(logging.WARNING if lost else logging.INFO, "%s%s", stats.summary(),
-               f"; {lost} tokens lost: use overlong='split' or a larger capacity to keep them" if lost else "")
+    level = logging.WARNING if lost else logging.INFO
+    if logger.isEnabledFor(level):
+        logger.log(level, "%s%s", stats.summary(),
+                   f"; {lost} tokens lost: use overlong='split' or a larger capacity to keep them" if lost else "")
     if n_samples == 0:
         logger.warning("build_packed_dataset: no samples to pack (%d input rows, %d empty)", n_input, stats.n_empty)
     return (packed, stats) if return_stats else packed
+
+
+def _empty(n: int, dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array in a buffer of arrow's memory pool: the output columns wrap it without a copy, and the
+    pool reuses memory that earlier builds freed (numpy maps fresh pages for every large array, and first touches of
+    fresh pages are a good part of a big build's time)."""
+    import pyarrow as pa
+
+    return np.frombuffer(pa.allocate_buffer(n * dtype.itemsize), dtype=dtype)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, show: bool) -> Any:
+    if not show:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="packing rows", unit="tok", unit_scale=True)
 
 
 def _finish(table, source, stats: PackingStats):
@@ -455,7 +479,7 @@ def _finish(table, source, stats: PackingStats):
     parent = getattr(source, "_fingerprint", None)
     if parent:
         # Deterministic: the same input and settings give the same fingerprint (datasets' caching keys on it).
-        params = json.dumps({k: v for k, v in asdict(stats).items() if k != "seconds"}, sort_keys=True)
+        params = json.dumps({k: v for k, v in vars(stats).items() if k != "seconds"}, sort_keys=True)
         fingerprint = hashlib.sha256(f"opensloth.data.packed/1|{parent}|{params}".encode()).hexdigest()[:16]
     else:
         fingerprint = generate_random_fingerprint()
