@@ -494,6 +494,10 @@ def _eval_loss(model, eval_ds, device) -> float:
     return total / count
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
 def run_worker(cfg: BenchConfig, variant: str) -> None:
     rank, world, local_rank = _dist_info()
     unsloth_backend = cfg.backend == "unsloth"
@@ -563,7 +567,8 @@ def run_worker(cfg: BenchConfig, variant: str) -> None:
     counter = _Counter()
     if collator is not None:
         collator = counter.wrap(collator)  # ours: count from the features
-    total_steps = cfg.warmup_steps + cfg.steps
+    # --profile: one extra step after the timed ones, under torch.profiler (the timed window stays clean).
+    total_steps = cfg.warmup_steps + cfg.steps + (1 if cfg.profile else 0)
     args = SFTConfig(
         output_dir=str(Path(cfg.work_dir) / "trainer" / variant), per_device_train_batch_size=batch,
         gradient_accumulation_steps=accum, max_steps=total_steps, learning_rate=cfg.learning_rate,
@@ -576,7 +581,7 @@ def run_worker(cfg: BenchConfig, variant: str) -> None:
                                    data_collator=collator)
     model.register_forward_pre_hook(counter.pre_hook, with_kwargs=True)
     prefix = str(Path(cfg.out_dir) / variant)
-    timer = _callback_class()(counter, cuda, cfg.warmup_steps + 1 if cfg.profile else None, prefix)
+    timer = _callback_class()(counter, cuda, cfg.warmup_steps + cfg.steps if cfg.profile else None, prefix)
     trainer.add_callback(timer)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -616,8 +621,8 @@ def run_worker(cfg: BenchConfig, variant: str) -> None:
         "tokens_per_s": real / wall if wall else float("nan"), "real_tokens": real, "slots": slots,
         "wasted": 1 - real / slots if slots else float("nan"), "timed_s": wall, "step_s_mean": wall / cfg.steps,
         "peak_gb": peak, "peak_reserved_gb": peak_reserved, "steps": len(timer.ends), "warmup": w,
-        "loss_first": losses[0] if losses else float("nan"),
-        "loss_end": sum(losses[-3:]) / len(losses[-3:]) if losses else float("nan"), "losses": losses,
+        "timed_steps": cfg.steps, "loss_first": losses[0] if losses else float("nan"),
+        "loss_end": _mean(losses[max(w, w + cfg.steps - 3):w + cfg.steps]), "losses": losses,
         "eval_loss": eval_loss, "load_s": load_s, "train_s": train_s,
         "warmup_s": ends[w] - ends[0] if len(ends) > w else float("nan"),
         "step_max_over_mean": sum(step_ratio) / len(step_ratio),
@@ -695,7 +700,8 @@ def results_table(cfg: BenchConfig, results: list[dict]) -> str:
 
     ref = next((r for r in results if r["variant"] == "unsloth_packing" and "error" not in r), None)
     header = ["variant", "micro-batch x accum", "real tokens/s", "vs packing=True", "padding/wasted", "peak GB",
-              "steps (warm-up+timed)", "real tokens timed", "s/step", "loss (last 3)", "eval loss", "graphs in timed"]
+              "steps (warm-up+timed)", "real tokens timed", "s/step", "loss (last 3 timed)", "eval loss",
+              "graphs in timed"]
     if cfg.nproc > 1:
         header += ["ranks", "step time max/mean", "tokens max/mean"]
     rows = []
@@ -703,11 +709,12 @@ def results_table(cfg: BenchConfig, results: list[dict]) -> str:
         if "error" in r:
             rows.append([r["variant"], "failed: " + r["error"]] + ["-"] * (len(header) - 2))
             continue
-        unit = "rows" if r["variant"].startswith("opensloth") or r["variant"] == "unsloth_packing" else "samples"
+        unit = "rows" if r["variant"].startswith(("opensloth", "unsloth_packing")) else "samples"
         row = [
             r["variant"], f"{r['batch']} {unit} x {r['accum']}", f"{r['tokens_per_s']:,.0f}",
             _fmt(r["tokens_per_s"] / ref["tokens_per_s"], ".2f") + "x" if ref else "-",
-            f"{100 * r['wasted']:.1f}%", _fmt(r["peak_gb"], ".2f"), f"{r['warmup']}+{r['steps'] - r['warmup']}",
+            f"{100 * r['wasted']:.1f}%", _fmt(r["peak_gb"], ".2f"),
+            f"{r['warmup']}+{r.get('timed_steps', r['steps'] - r['warmup'])}",
             f"{r['real_tokens']:,}", _fmt(r["step_s_mean"], ".2f"), _fmt(r["loss_end"], ".4f"),
             _fmt(r["eval_loss"], ".4f"), _fmt(r.get("graphs_during_timed"), "d"),
         ]
@@ -760,6 +767,20 @@ def write_markdown(runs: list[tuple[BenchConfig, list[dict], str]], paths: list[
 
     sections = [(f"Run {i + 1}: {', '.join(r['variant'] for r in results)}",
                  header + "\n\n" + results_table(cfg, results)) for i, (cfg, results, header) in enumerate(runs)]
+    if len(runs) > 1:
+        combined = [dict(r, variant=f"{r['variant']} (run {i + 1})") for i, (_, results, _) in enumerate(runs)
+                    for r in results]
+        for r in combined:  # the speed-up column is against the first packing=True run of any section
+            if r["variant"].startswith("unsloth_packing") and "error" not in r:
+                r_ref = dict(r)
+                break
+        else:
+            r_ref = None
+        rows = combined if r_ref is None else [dict(r_ref, variant="unsloth_packing")] + combined
+        table = results_table(runs[0][0], rows)
+        if r_ref is not None:  # drop the helper row that carries the reference
+            table = "\n".join(line for line in table.splitlines() if not line.startswith("| unsloth_packing |"))
+        sections.insert(0, ("All runs (setup, versions and commands in each run's section below)", table))
     title = "QLoRA training on one GPU: OpenSloth packed rows vs Unsloth's own modes"
     if runs and runs[0][0].nproc > 1:
         title = f"QLoRA training under torchrun on {runs[0][0].nproc} GPUs"
