@@ -410,6 +410,22 @@ def test_bad_input_errors():
         build_packed_dataset(ds, 8, chunk_tokens=0)
 
 
+@pytest.mark.parametrize("null_row", [None, 0, 1])
+def test_decreasing_arrow_offsets_are_refused_before_any_copy(null_row):
+    """The gather trusts the builder's segments because they come from list offsets; offsets that break arrow's
+    rule (never decreasing; arrow's cheap validation does not check it) are refused instead of read, also under a
+    null row."""
+    import pyarrow as pa
+
+    offsets = pa.array([0, 3, 1, 4], type=pa.int32()).buffers()[1]
+    validity = None if null_row is None else pa.array([i != null_row for i in range(3)]).buffers()[1]
+    bad = pa.ListArray.from_buffers(pa.list_(pa.int64()), 3, [validity, offsets],
+                                    children=[pa.array([1, 2, 3, 4], type=pa.int64())])
+    ds = datasets.Dataset(datasets.table.InMemoryTable(pa.table({"input_ids": bad})))
+    with pytest.raises(ValueError, match="decreasing list offsets"):
+        build_packed_dataset(ds, 8)
+
+
 def test_importing_the_module_imports_no_trainer_stack():
     import subprocess
     import sys

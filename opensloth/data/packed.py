@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from opensloth.distributed import get_rank, logger
+from opensloth.packing import STRATEGIES, get_backend, pack_lengths
+from opensloth.packing._gather import Segments, gather_backend, run_gather
 
 __all__ = [
     "OVERLONG_POLICIES",
@@ -141,7 +143,11 @@ _MIN_ROWS_PER_CHUNK = 64
 class _Column:
     """A list column read in place: row ``i`` is ``sources[chunks[i]][starts[i] : starts[i] + lengths[i]]``
     (``chunks`` None: every row is in ``sources[0]``). ``sources`` are numpy views of the arrow values buffers
-    (copies only for boolean columns, which arrow stores as bits)."""
+    (copies only for boolean columns, which arrow stores as bits).
+
+    ``_list_column`` checks that every chunk's offsets never decrease and that its values hold the offsets' whole
+    range, so every row lies inside its source: 0 <= starts[i] and starts[i] + lengths[i] <= len(source). Any
+    sub-slice of rows (truncation, split pieces) does too, which is what the gather needs."""
 
     sources: list
     chunks: np.ndarray | None
@@ -153,7 +159,6 @@ class _Column:
 def _list_column(table, name: str, *, allow_bool: bool = False) -> _Column:
     """Read list column ``name`` of an arrow table without copying its values (see ``_Column``)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     column = table.column(name)
     ctype = column.type
@@ -181,11 +186,15 @@ def _list_column(table, name: str, *, allow_bool: bool = False) -> _Column:
         offsets = chunk.offsets.to_numpy(zero_copy_only=False)  # this chunk's n + 1 offsets into chunk.values
         first, last = int(offsets[0]), int(offsets[-1])
         np.subtract(offsets[:-1], first, out=starts[row : row + n], dtype=np.int64)
+        np.subtract(offsets[1:], offsets[:-1], out=lengths[row : row + n], dtype=np.int64)
         if chunk.null_count:  # a null list counts as empty, whatever its offsets say
-            lengths[row : row + n] = pc.list_value_length(chunk).fill_null(0).to_numpy(zero_copy_only=False)
-        else:
-            np.subtract(offsets[1:], offsets[:-1], out=lengths[row : row + n], dtype=np.int64)
+            if n and lengths[row : row + n].min() < 0:
+                raise ValueError(f"column {name!r} has decreasing list offsets (a malformed arrow array)")
+            lengths[row : row + n][chunk.is_null().to_numpy(zero_copy_only=False)] = 0
         used = chunk.values.slice(first, last - first)
+        if len(used) != last - first:
+            raise ValueError(f"column {name!r}: list offsets reach past the end of the values (a malformed arrow "
+                             "array)")
         if used.null_count:
             raise ValueError(f"column {name!r} contains null values inside its lists; every token needs a value")
         sources.append(used.to_numpy(zero_copy_only=not pa.types.is_boolean(vtype)))
@@ -194,6 +203,8 @@ def _list_column(table, name: str, *, allow_bool: bool = False) -> _Column:
         row += n
     if not sources:
         sources.append(np.zeros(0, dtype=vtype.to_pandas_dtype()))
+    if n_rows and lengths.min() < 0:
+        raise ValueError(f"column {name!r} has decreasing list offsets (a malformed arrow array)")
     return _Column(sources, chunk_of, starts, lengths, vtype)
 
 
@@ -271,8 +282,6 @@ def build_packed_dataset(
     capacity = _check_capacity(capacity)
     if overlong not in OVERLONG_POLICIES:
         raise ValueError(f"overlong = {overlong!r} is not a policy; choose one of {OVERLONG_POLICIES}")
-    from opensloth.packing import STRATEGIES
-
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown packing strategy {strategy!r}; choose one of {STRATEGIES}")
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int | np.integer) or chunk_tokens <= 0:
@@ -342,9 +351,6 @@ def build_packed_dataset(
             n_truncated = n_overlong
             n_truncated_tokens = int(row_len.sum() - sample_len.sum()) if n_overlong else 0
 
-    from opensloth.packing import get_backend, pack_lengths
-    from opensloth.packing._gather import check_segments, gather_backend, run_gather
-
     n_samples = int(sample_len.shape[0])
     if n_samples:
         plan = pack_lengths(sample_len, capacity, strategy=strategy, backend=backend)
@@ -381,7 +387,8 @@ def build_packed_dataset(
         else:
             starts = col.starts[src] + piece_offset
             chunks = None if col.chunks is None else col.chunks[src]
-        seg = check_segments(col.sources, starts, sample_len, order, chunks=chunks)
+        # In bounds by construction (see _Column), and order is the packer's permutation of the samples.
+        seg = Segments.trusted(col.sources, starts, sample_len, order, chunks, n_tokens)
         flat = _empty(n_tokens, seg.dtype)
         if len(spans) == 1:
             run_gather(seg, flat, gather)

@@ -119,6 +119,15 @@ class Segments:
         self.chunks, self.order, self.size, self.dtype = chunks, order, size, dtype
         self._flat = None
 
+    @classmethod
+    def trusted(cls, sources: list[np.ndarray], starts: np.ndarray, lengths: np.ndarray, order: np.ndarray | None,
+                chunks: np.ndarray | None, size: int) -> Segments:
+        """Segments whose validity the caller guarantees instead of ``check_segments`` (the packed-dataset builder
+        derives them from arrow list offsets): sources C-contiguous, 1-D, of one dtype; int64 C-contiguous index
+        arrays; every index in range and every segment inside its source; ``size`` the total. The native gather
+        still checks every index it uses; the numba and numpy paths rely on these guarantees."""
+        return cls(sources, starts, lengths, chunks, order, size, sources[0].dtype)
+
     def flat(self) -> tuple[np.ndarray, np.ndarray]:
         """One flat source and global starts, for the numba and numpy paths (the sources concatenated, once, when
         there are several)."""
