@@ -434,3 +434,44 @@ def test_one_row_micro_batches_drop_their_padding_when_recut():
     assert stats.real_tokens == 60 + 5 + 6 + 7
     assert stats.slots_before == 3 * 64 and stats.slots == 78
     assert max(b["input_ids"].shape[1] for b in out) <= 64
+
+
+def _varlen_rows(rng, lengths, capacity=64):
+    from opensloth.collate import UNSLOTH_VARLEN_METADATA, collate_samples
+
+    return collate_samples([{"input_ids": rand_sample(rng, n, prompt=1)[0]} for n in lengths], layout="rows",
+                           capacity=capacity, pack=True, metadata=UNSLOTH_VARLEN_METADATA)
+
+
+def _check_varlen_keys(batch):
+    from opensloth.masks import lengths_from_cu_seq_lens, position_ids_from_lengths
+
+    lengths = lengths_from_cu_seq_lens(batch["opensloth_cu_seqlens"]).tolist()
+    width = batch["input_ids"].shape[1]
+    rows, row, used = [], [], 0
+    for n in lengths:  # segments never cross a row
+        row.append(n)
+        used += n
+        if used == width:
+            rows.append(row)
+            row, used = [], 0
+    assert not row
+    assert torch.equal(position_ids_from_lengths(rows, width).reshape(batch["position_ids"].shape),
+                       batch["position_ids"])
+
+
+@pytest.mark.parametrize("shapes", [[[40, 45], [50, 30, 20], [10, 12]], [[60], [5, 6], [7]]], ids=["rows", "one-row"])
+def test_unsloth_varlen_keys_are_rebuilt_by_the_recut(shapes):
+    rng = np.random.default_rng(5)
+    batches = [_varlen_rows(rng, lengths) for lengths in shapes]
+    if len({b["input_ids"].shape for b in batches}) > 1:
+        batches = batches[:2]
+    out, stats = repack_window(batches)
+    assert stats.reason is None or stats.reason == "", stats.reason
+    real = sorted(s for s in window_samples(batches) if not _is_padding(s))
+    assert sorted(s for s in window_samples(out) if not _is_padding(s)) == real
+    assert num_items(out) == num_items(batches)
+    for b in out:
+        assert set(b) == set(batches[0])
+        assert b["opensloth_max_seqlen"] == batches[0]["opensloth_max_seqlen"]  # a constant: no recompiles
+        _check_varlen_keys(b)

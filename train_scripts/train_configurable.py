@@ -208,6 +208,10 @@ def _load_unsloth(config: TrainConfig, name: str, local_rank: int, targets: list
             use_gradient_checkpointing=gc,
             random_state=config.seed,
         )
+    if config.packing != "none":
+        from opensloth.patching.unsloth_attention import enable_unsloth_varlen
+
+        enable_unsloth_varlen(model)  # the packed batches' attention: one FA2 varlen call per layer (make_collator)
     return model, _ensure_pad(tokenizer)
 
 
@@ -429,17 +433,27 @@ def _load_prepared(config: TrainConfig, tokenizer, packed: bool, info: dict):
 
 
 def make_collator(config: TrainConfig, tokenizer, backend: str):
-    """TRL's padded collator for 'none'; OpenSloth's packed collator otherwise (flat layout for Unsloth and
-    padding-free samples; fixed-capacity rows for packed rows on the hf backend, whose dense block-causal
-    attention is then per row instead of over the whole micro-batch)."""
+    """TRL's padded collator for 'none'; OpenSloth's packed collator otherwise.
+
+    On Unsloth the batches carry OpenSloth's varlen keys (FlashAttention-2 varlen inside Unsloth's compiled blocks,
+    see opensloth.patching.unsloth_attention): static (P, max_seq_length) rows for packed rows, one flat row for
+    padding-free samples. On the hf backend: the flat layout for padding-free samples and single rows, else
+    fixed-capacity rows, whose dense block-causal attention is then per row instead of over the whole micro-batch.
+    """
     pad = tokenizer.pad_token_id
     if config.packing == "none":
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
         return DataCollatorForLanguageModeling(pad_token_id=pad)
-    from opensloth.collate import PackedDataCollator
+    from opensloth.collate import UNSLOTH_VARLEN_METADATA, PackedDataCollator
 
-    if config.packing == "padding_free" or backend == "unsloth" or config.per_device_batch_size == 1:
+    if backend == "unsloth":
+        if config.packing == "padding_free":
+            return PackedDataCollator(pad_token_id=pad, layout="flat", metadata=UNSLOTH_VARLEN_METADATA,
+                                      max_seqlen=config.max_seq_length)
+        return PackedDataCollator(pad_token_id=pad, layout="rows", capacity=config.max_seq_length,
+                                  metadata=UNSLOTH_VARLEN_METADATA)
+    if config.packing == "padding_free" or config.per_device_batch_size == 1:
         return PackedDataCollator(pad_token_id=pad, layout="flat")  # one packed row needs no padding to capacity
     return PackedDataCollator(pad_token_id=pad, layout="rows", capacity=config.max_seq_length)
 

@@ -5,8 +5,9 @@
 
 Every setting is a constant below (environment variables override the model, data and length). The data path is
 OpenSloth's: chat records -> assistant-only labels (opensloth.data.chat) -> rows of whole samples packed best-fit
-decreasing (opensloth.data.packed) -> padding-free batches with per-sample positions (opensloth.collate), which
-Unsloth's attention reads as separate sequences. For every flag and mode, use train_configurable.py.
+decreasing (opensloth.data.packed) -> static rows with per-sample positions and OpenSloth's varlen keys
+(opensloth.collate), whose attention runs as one FlashAttention-2 varlen call per layer inside Unsloth's compiled
+blocks (opensloth.patching.unsloth_attention). For every flag and mode, use train_configurable.py.
 """
 
 import os
@@ -20,10 +21,11 @@ from unsloth import FastLanguageModel, is_bfloat16_supported  # noqa: E402  (fir
 # isort: split
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from opensloth.collate import PackedDataCollator  # noqa: E402
+from opensloth.collate import UNSLOTH_VARLEN_METADATA, PackedDataCollator  # noqa: E402
 from opensloth.data.chat import tokenize_chat_dataset  # noqa: E402
 from opensloth.data.packed import build_packed_dataset  # noqa: E402
 from opensloth.patching.ddp_patch import ddp_patch, patch_optimize_sft_trainer_batch_samples  # noqa: E402
+from opensloth.patching.unsloth_attention import enable_unsloth_varlen  # noqa: E402
 
 MODEL_NAME = os.environ.get("MODEL_NAME", "unsloth/Qwen3-0.6B-bnb-4bit")
 DATASET = os.environ.get("DATASET", "trl-lib/Capybara")  # a hub dataset, or a JSONL file of chat records
@@ -61,6 +63,7 @@ def main() -> None:
         use_gradient_checkpointing="unsloth",
         random_state=42,
     )
+    enable_unsloth_varlen(model)  # packed rows attend within their samples only, through FA2 varlen
 
     # Every rank prepares the same rows (deterministic); train_configurable.py builds them once on rank 0 instead.
     samples = tokenize_chat_dataset(load_records(), tokenizer, max_seq_length=MAX_SEQ_LENGTH)
@@ -87,7 +90,9 @@ def main() -> None:
         args=args,
         train_dataset=rows,
         processing_class=tokenizer,
-        data_collator=PackedDataCollator(pad_token_id=tokenizer.pad_token_id, layout="flat"),
+        # Static rows whose attention runs as one FlashAttention-2 varlen call per layer (enable_unsloth_varlen).
+        data_collator=PackedDataCollator(pad_token_id=tokenizer.pad_token_id, layout="rows",
+                                         capacity=MAX_SEQ_LENGTH, metadata=UNSLOTH_VARLEN_METADATA),
     )
     trainer.train()
 

@@ -11,6 +11,9 @@ module on first use:
   gradient-accumulation window's micro-batches.
 - ``apply_loss_scaling_fix()`` (`opensloth.patching.loss_scaling`), ``use_balanced_sampler(trainer)``
   (`opensloth.patching.dataloader`), ``repack_window(batches)`` (`opensloth.patching.batch_samples`).
+- ``enable_unsloth_varlen(model)`` (`opensloth.patching.unsloth_attention`): Unsloth's Qwen3 attention runs
+  FlashAttention-2 varlen on batches collated with ``opensloth.collate.UNSLOTH_VARLEN_METADATA``;
+  ``patch_unsloth_torch_varlen()`` is the smaller fallback (Unsloth's own varlen branch, eager blocks).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from typing import Any
 
 __all__ = [
     "apply_loss_scaling_fix",
+    "enable_unsloth_varlen",
     "patch_optimize_sft_trainer_batch_samples",
+    "patch_unsloth_torch_varlen",
     "repack_window",
     "use_balanced_sampler",
 ]
@@ -30,6 +35,8 @@ _WHERE = {
     "repack_window": "opensloth.patching.batch_samples",
     "apply_loss_scaling_fix": "opensloth.patching.loss_scaling",
     "use_balanced_sampler": "opensloth.patching.dataloader",
+    "enable_unsloth_varlen": "opensloth.patching.unsloth_attention",
+    "patch_unsloth_torch_varlen": "opensloth.patching.unsloth_attention",
 }
 
 

@@ -51,6 +51,7 @@ _PADDED_KEYS = frozenset({"input_ids", "attention_mask", "labels", "position_ids
 _PACKED_KEYS = frozenset({
     "input_ids", "labels", "position_ids", "packed_seq_lengths", "cu_seq_lens_q", "cu_seq_lens_k",
     "max_length_q", "max_length_k", "seq_idx", "attention_mask", "use_cache",
+    "opensloth_cu_seqlens", "opensloth_max_seqlen",  # opensloth.collate's varlen keys (Unsloth FA2 varlen path)
 })
 _MARK = "_opensloth_repack"
 _logged_reasons: set[str] = set()
@@ -240,6 +241,9 @@ def _segment_lengths(batch: dict, row_width: int, n_tokens: int) -> list[np.ndar
     elif "cu_seq_lens_q" in batch:
         flat = lengths_from_cu_seq_lens(batch["cu_seq_lens_q"]).numpy().astype(np.int64)
         source = "cu_seq_lens_q"
+    elif "opensloth_cu_seqlens" in batch:
+        flat = lengths_from_cu_seq_lens(batch["opensloth_cu_seqlens"].cpu()).numpy().astype(np.int64)
+        source = "opensloth_cu_seqlens"
     elif pos is not None:
         rows = lengths_from_position_ids(pos.reshape(-1, row_width))
         return [r.numpy().astype(np.int64) for r in rows]
@@ -313,7 +317,7 @@ def _metadata(like: dict, lengths: np.ndarray) -> dict:
     if "packed_seq_lengths" in like:
         ref = like["packed_seq_lengths"]
         out["packed_seq_lengths"] = torch.as_tensor(lengths, dtype=ref.dtype).to(ref.device)
-    for k in ("cu_seq_lens_q", "cu_seq_lens_k"):
+    for k in ("cu_seq_lens_q", "cu_seq_lens_k", "opensloth_cu_seqlens"):
         if k in like:
             cu = cu_seq_lens_from_lengths(lengths)
             out[k] = cu.to(dtype=like[k].dtype, device=like[k].device)
@@ -324,6 +328,8 @@ def _metadata(like: dict, lengths: np.ndarray) -> dict:
                 if isinstance(like[k], torch.Tensor) else value
     if "use_cache" in like:
         out["use_cache"] = like["use_cache"]
+    if "opensloth_max_seqlen" in like:  # a constant bound: a changing int would recompile the compiled blocks
+        out["opensloth_max_seqlen"] = like["opensloth_max_seqlen"]
     return out
 
 
