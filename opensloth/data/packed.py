@@ -405,7 +405,7 @@ def build_packed_dataset(
     def to_lists(flat: np.ndarray, vtype) -> Any:
         values = pa.Array.from_buffers(vtype, flat.shape[0], [None, pa.py_buffer(flat)])  # zero-copy
         if len(spans) == 1:
-            return pa.chunked_array([list_cls.from_arrays(span_offsets[0], values)], type=list_type(vtype))
+            return pa.chunked_array([list_cls.from_arrays(span_offsets[0], values)])
         pieces = []
         for (r0, r1), offsets in zip(spans, span_offsets):
             t0 = int(row_tok[r0])
