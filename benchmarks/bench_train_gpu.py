@@ -457,24 +457,6 @@ def _load_hf(cfg: BenchConfig, local_rank: int):
     return model, tokenizer
 
 
-def _trainer_class(cuda: bool):
-    from trl import SFTTrainer
-
-    if cuda:
-        return SFTTrainer
-
-    class SFTTrainerModelLoss(SFTTrainer):
-        """TRL 1.x computes the SFT loss with triton kernels only: on the CPU use the model's own loss."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            from transformers import Trainer
-
-            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-
-    return SFTTrainerModelLoss
-
-
 def _eval_loss(model, eval_ds, device) -> float:
     """Token-weighted mean loss of every held-out sample run alone (eval mode, no packing metadata)."""
     import torch
@@ -577,7 +559,9 @@ def run_worker(cfg: BenchConfig, variant: str) -> None:
         dataloader_num_workers=0, dataloader_pin_memory=cuda, logging_nan_inf_filter=False,
         optim="adamw_torch", ddp_find_unused_parameters=False if world > 1 else None,
         gradient_checkpointing=cuda, **kwargs)
-    trainer = _trainer_class(cuda)(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+    from opensloth.patching.sft_trainer import sft_trainer_class
+
+    trainer = sft_trainer_class()(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                                    data_collator=collator)
     model.register_forward_pre_hook(counter.pre_hook, with_kwargs=True)
     prefix = str(Path(cfg.out_dir) / variant)

@@ -501,34 +501,9 @@ def make_training_args(config: TrainConfig, world_size: int, backend: str):
     return SFTConfig(**kwargs)
 
 
-def sft_trainer_class():
-    """TRL's SFTTrainer where its fused LM-head loss can run (CUDA with triton), else a subclass whose loss is the
-    model's own (`transformers.Trainer.compute_loss`): TRL 1.x computes the SFT loss with triton kernels only."""
-    import torch
-    from trl import SFTTrainer
-
-    try:
-        from trl.trainer import utils as trl_utils
-
-        fused_ok = getattr(trl_utils, "_ChunkedLogProbFunction", None) is not None
-    except ImportError:
-        fused_ok = True
-    if fused_ok and torch.cuda.is_available():
-        return SFTTrainer
-
-    class SFTTrainerModelLoss(SFTTrainer):
-        """SFTTrainer computing the loss with the model's forward (no triton needed)."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            from transformers import Trainer
-
-            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-
-    return SFTTrainerModelLoss
-
-
 def build_trainer(config: TrainConfig, model, tokenizer, train_dataset, eval_dataset, training_args, backend: str):
+    from opensloth.patching.sft_trainer import sft_trainer_class
+
     trainer_cls = sft_trainer_class()
     if trainer_cls.__name__ != "SFTTrainer" and backend == "hf":
         say("[opensloth] TRL's fused LM-head loss needs triton on a GPU: the loss is the model's own here")
