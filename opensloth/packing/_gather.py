@@ -6,7 +6,7 @@ slices laid out in packing order. Three implementations give identical output:
 
 - ``native``: ``opensloth._native.gather_segments`` (C++, one ``memcpy`` per segment, GIL released, zero-copy in and
   out, reads every source in place);
-- ``numba``: a compiled loop of slice copies (sources of several chunks are first concatenated);
+- ``numba``: a compiled element-copy loop, GIL released (sources of several chunks are first concatenated);
 - ``numpy``: one element-index gather (``np.take``; sources of several chunks are first concatenated).
 
 ``backend=None`` follows the packing backend in use (``OPENSLOTH_BACKEND`` / ``opensloth.packing.get_backend()``):
