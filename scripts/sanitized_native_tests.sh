@@ -60,6 +60,9 @@ SO="$(ls "$SRC"/opensloth/_native*.so 2>/dev/null | head -n 1 || true)"
 CXX_BIN="${CXX:-$(command -v g++ || command -v c++)}"
 LIBASAN="$("$CXX_BIN" -print-file-name=libasan.so)"
 [[ -f "$LIBASAN" ]] || { say "libasan.so not found (compiler: $CXX_BIN)"; exit 1; }
+# libstdc++ after libasan: otherwise ASan aborts on the first C++ exception (CHECK failed ... real___cxa_throw),
+# and the tests that expect the module to raise cannot run.
+LIBSTDCXX="$("$CXX_BIN" -print-file-name=libstdc++.so)"
 SYMBOLS="$(nm -D "$SO" 2>/dev/null || true)"
 if [[ "$SYMBOLS" != *__asan_init* || "$SYMBOLS" != *__ubsan_handle* ]]; then
   say "$SO is not instrumented with ASan and UBSan"
@@ -78,7 +81,7 @@ set +e
   export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:detect_odr_violation=0"
   export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
   export PYTHONDONTWRITEBYTECODE=1
-  LD_PRELOAD="$LIBASAN${LD_PRELOAD:+:$LD_PRELOAD}" "$PYTHON" - "$@" <<'PY'
+  LD_PRELOAD="$LIBASAN:$LIBSTDCXX${LD_PRELOAD:+:$LD_PRELOAD}" "$PYTHON" - "$@" <<'PY'
 import os
 import sys
 
@@ -101,7 +104,8 @@ import pytest  # noqa: E402
 
 # --capture=sys leaves file descriptor 2 alone, so a report printed as the process halts is not swallowed.
 args = ["-q", "-p", "no:cacheprovider", "--capture=sys", "-W", "ignore::pytest.PytestAssertRewriteWarning"]
-sys.exit(pytest.main([*args, "tests/test_packing_properties.py", *sys.argv[1:]]))
+sys.exit(pytest.main([*args, "tests/test_packing_properties.py", "tests/test_native.py",
+                      "-k", "test_packing_properties or gather", *sys.argv[1:]]))
 PY
 ) 2>&1 | tee "$LOG"
 status=${PIPESTATUS[0]}
