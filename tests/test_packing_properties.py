@@ -186,7 +186,17 @@ def test_exact_fit_matches_reference(backend, case):
 
 
 @SETTINGS
-@given(case=lengths_and_capacity(max_items=400), strategy=st.sampled_from(["bfd", "ffd", "exact_fit"]))
+@given(case=lengths_and_capacity())
+def test_best_is_the_smaller_of_bfd_and_exact_fit(backend, case):
+    lengths, capacity = case
+    best = pack_lengths(lengths, capacity, strategy="best", backend=backend)
+    bfd = pack_lengths(lengths, capacity, strategy="bfd", backend=backend)
+    exact = pack_lengths(lengths, capacity, strategy="exact_fit", backend=backend)
+    assert best == (exact if exact.n_bins < bfd.n_bins else bfd)
+
+
+@SETTINGS
+@given(case=lengths_and_capacity(max_items=400), strategy=st.sampled_from(["bfd", "ffd", "exact_fit", "best"]))
 def test_packing_identical_to_python_backend(backend, case, strategy):
     lengths, capacity = case
     assert pack_lengths(lengths, capacity, strategy=strategy, backend=backend) == pack_lengths(

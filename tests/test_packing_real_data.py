@@ -25,7 +25,9 @@ def test_exact_fit_bins_within_002_percent_of_the_lower_bound(backend, shared_to
         assert int(plan.bin_lengths.max()) <= capacity
         assert sorted(plan.items.tolist()) == list(range(len(lengths)))
         # Never more rows than plain BFD on real data (BFD leaves GSM8K's narrow lengths +0.7% over the bound).
-        assert plan.n_bins <= pack_lengths(lengths, capacity, backend=backend).n_bins
+        bfd = pack_lengths(lengths, capacity, backend=backend)
+        assert plan.n_bins <= bfd.n_bins
+        assert pack_lengths(lengths, capacity, strategy="best", backend=backend).n_bins == plan.n_bins
 
 
 def test_bfd_equals_trl_pack_dataset_bins(shared_token_lengths, backend):
