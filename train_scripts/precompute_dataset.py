@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pack", type=int, default=None, metavar="CAPACITY",
                    help="also pack the tokenised samples into rows of at most CAPACITY tokens "
                         "(opensloth.data.packed.build_packed_dataset)")
+    p.add_argument("--pack_strategy", default="best", choices=("best", "bfd", "exact_fit", "ffd"),
+                   help="how --pack fills rows: 'best' (fewer rows of bfd and exact_fit), 'bfd' (TRL's rows), "
+                        "'exact_fit', 'ffd' (opensloth.packing.pack_lengths)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing complete output folder")
     args = p.parse_args(argv)
     if args.max_seq_length < 0:
@@ -212,7 +215,7 @@ def main(argv=None) -> int:
         except ImportError as exc:
             raise SystemExit(f"--pack needs opensloth.data.packed.build_packed_dataset ({exc})") from None
         for split, ds in list(splits.items()):
-            packed, pst = build_packed_dataset(ds, args.pack, return_stats=True)
+            packed, pst = build_packed_dataset(ds, args.pack, strategy=args.pack_strategy, return_stats=True)
             splits[split] = packed
             stats[split]["packing"] = dataclasses.asdict(pst) if dataclasses.is_dataclass(pst) else dict(pst)
 

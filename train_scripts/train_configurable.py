@@ -34,7 +34,7 @@ SHARED_CHAT_FILES = {
     "arena_hard": ["arena_hard_v0.1.jsonl"],
 }
 SUMMARY_FILE = "run_summary.json"
-DATA_FORMAT = 1  # bump when the prepared-dataset layout changes (part of the cache key)
+DATA_FORMAT = 2  # bump when the prepared-dataset layout changes (part of the cache key); 2: rows packed "best"
 
 
 class RunError(RuntimeError):
@@ -370,7 +370,7 @@ def prepare_datasets(config: TrainConfig, tokenizer, world_size: int):
         if packed:
             from opensloth.data.packed import build_packed_dataset
 
-            out = {k: build_packed_dataset(v, config.max_seq_length) for k, v in out.items()}
+            out = {k: build_packed_dataset(v, config.max_seq_length, strategy="best") for k, v in out.items()}
         return out
 
     material = {
@@ -424,8 +424,8 @@ def _load_prepared(config: TrainConfig, tokenizer, packed: bool, info: dict):
     if packed and not is_packed:
         from opensloth.data.packed import build_packed_dataset
 
-        train = build_packed_dataset(train, config.max_seq_length)
-        val = build_packed_dataset(val, config.max_seq_length) if val is not None else None
+        train = build_packed_dataset(train, config.max_seq_length, strategy="best")
+        val = build_packed_dataset(val, config.max_seq_length, strategy="best") if val is not None else None
     return train, val, info
 
 

@@ -67,7 +67,7 @@ def main() -> None:
 
     # Every rank prepares the same rows (deterministic); train_configurable.py builds them once on rank 0 instead.
     samples = tokenize_chat_dataset(load_records(), tokenizer, max_seq_length=MAX_SEQ_LENGTH)
-    rows = build_packed_dataset(samples, MAX_SEQ_LENGTH)
+    rows = build_packed_dataset(samples, MAX_SEQ_LENGTH, strategy="best")  # the fewer rows of BFD and exact fit
 
     args = SFTConfig(
         output_dir=f"outputs/train_ddp_ws{world_size}",
