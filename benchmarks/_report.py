@@ -36,6 +36,9 @@ def package_versions(names: Iterable[str]) -> dict[str, str]:
 
 
 def git_revision() -> str:
+    """The checkout's short commit; OPENSLOTH_GIT_REVISION where the copy has no .git (the GPU machine)."""
+    if os.environ.get("OPENSLOTH_GIT_REVISION"):
+        return os.environ["OPENSLOTH_GIT_REVISION"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
