@@ -80,7 +80,8 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> s
 def write_result(name: str, title: str, sections: Sequence[tuple[str, str]], header: str | None = None) -> Path:
     """Write benchmarks/results/<name>.md: a title, the machine header, then (subtitle, markdown body) sections."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    parts = [f"# {title}", "", header if header is not None else machine_header(), ""]
+    header = header if header is not None else machine_header()
+    parts = [f"# {title}", ""] + ([header, ""] if header else [])
     for subtitle, body in sections:
         parts += [f"## {subtitle}", "", body.rstrip(), ""]
     path = RESULTS / f"{name}.md"

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._report import machine_header, markdown_table, write_result  # noqa: E402
+from benchmarks._report import markdown_table, write_result  # noqa: E402
 from benchmarks.bench_packing import shared_lengths  # noqa: E402
 from opensloth.packing import pack_lengths  # noqa: E402
 from opensloth.sampler import BalancedBatchSampler, WorkModel  # noqa: E402

@@ -679,17 +679,24 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
-def results_table(cfg: BenchConfig, results: list[dict]) -> str:
+def packing_reference(results: list[dict]) -> dict | None:
+    """The run's Unsloth packing=True result, the reference of the speed-up column."""
+    return next((r for r in results if r["variant"] == "unsloth_packing" and "error" not in r), None)
+
+
+def results_table(cfg: BenchConfig, results: list[dict], refs: list[dict | None] | None = None) -> str:
+    """One row per variant; ``refs`` gives each row its own packing=True reference (default: this run's)."""
     from benchmarks._report import markdown_table
 
-    ref = next((r for r in results if r["variant"] == "unsloth_packing" and "error" not in r), None)
+    if refs is None:
+        refs = [packing_reference(results)] * len(results)
     header = ["variant", "micro-batch x accum", "real tokens/s", "vs packing=True", "padding/wasted", "peak GB",
               "steps (warm-up+timed)", "real tokens timed", "s/step", "loss (last 3 timed)", "eval loss",
               "graphs in timed"]
     if cfg.nproc > 1:
         header += ["ranks", "step time max/mean", "tokens max/mean"]
     rows = []
-    for r in results:
+    for r, ref in zip(results, refs):
         if "error" in r:
             rows.append([r["variant"], "failed: " + r["error"]] + ["-"] * (len(header) - 2))
             continue
@@ -752,19 +759,20 @@ def write_markdown(runs: list[tuple[BenchConfig, list[dict], str]], paths: list[
     sections = [(f"Run {i + 1}: {', '.join(r['variant'] for r in results)}",
                  header + "\n\n" + results_table(cfg, results)) for i, (cfg, results, header) in enumerate(runs)]
     if len(runs) > 1:
-        combined = [dict(r, variant=f"{r['variant']} (run {i + 1})") for i, (_, results, _) in enumerate(runs)
-                    for r in results]
-        for r in combined:  # the speed-up column is against the first packing=True run of any section
-            if r["variant"].startswith("unsloth_packing") and "error" not in r:
-                r_ref = dict(r)
-                break
-        else:
-            r_ref = None
-        rows = combined if r_ref is None else [dict(r_ref, variant="unsloth_packing")] + combined
-        table = results_table(runs[0][0], rows)
-        if r_ref is not None:  # drop the helper row that carries the reference
-            table = "\n".join(line for line in table.splitlines() if not line.startswith("| unsloth_packing |"))
-        sections.insert(0, ("All runs (setup, versions and commands in each run's section below)", table))
+        # speed-ups are against the packing=True of the same run, or of the first run that has one
+        run_refs = [packing_reference(results) for _, results, _ in runs]
+        fallback = next((r for r in run_refs if r is not None), None)
+        combined, refs = [], []
+        for i, (_, results, _) in enumerate(runs):
+            for r in results:
+                combined.append(dict(r, variant=f"{r['variant']} (run {i + 1})"))
+                refs.append(run_refs[i] or fallback)
+        fallback_run = next((i + 1 for i, r in enumerate(run_refs) if r is not None), None)
+        note = ("" if fallback_run is None else
+                f"'vs packing=True' compares with Unsloth packing=True of the same run (run {fallback_run}'s for "
+                "runs without one).\n\n")
+        sections.insert(0, ("All runs (setup, versions and commands in each run's section below)",
+                            note + results_table(runs[0][0], combined, refs)))
     title = "QLoRA training on one GPU: OpenSloth packed rows vs Unsloth's own modes"
     if runs and runs[0][0].nproc > 1:
         title = f"QLoRA training under torchrun on {runs[0][0].nproc} GPUs"
