@@ -40,7 +40,8 @@ class OptionalBuildExt(build_ext):
             raise exc
         sys.stderr.write(
             f"\nopensloth: the native backend was not built ({exc}).\n"
-            "opensloth: the numba / python backends will be used. Set OPENSLOTH_REQUIRE_NATIVE=1 to make this an error.\n\n"
+            "opensloth: the numba / python backends will be used. "
+            "Set OPENSLOTH_REQUIRE_NATIVE=1 to make this an error.\n\n"
         )
 
 
