@@ -102,7 +102,7 @@ def resolve_backend(requested: str) -> str:
     if importlib.util.find_spec("unsloth") is None:
         if requested == "unsloth":
             raise RunError("--backend unsloth: the unsloth package is not installed "
-                           "(pip install -e '.[unsloth]'); or use --backend hf")
+                           "(python -m pip install -e '.[unsloth]'); or use --backend hf")
         return "hf"
     if not cuda:
         return "hf"
