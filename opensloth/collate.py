@@ -65,8 +65,9 @@ packed row arrives as one long sample. ``require_seq_lengths=True`` turns that i
 
 Speed: one pass over the features (a numpy view of each), one concatenation, index arithmetic in numpy, no work
 per sample or per token in Python. Features that are numpy arrays or tensors (``dataset.with_format("numpy")``) are
-fastest (0.24-0.34 ms for 8 x 4096 tokens in benchmarks/results/collate.md, TRL's padding-free collator 24-28 ms in
-the same run); Python lists cost a list -> array conversion of every column (1.4-1.5 ms there).
+fastest (medians 0.34 ms flat and 0.47 ms rows for 8 x 4096 tokens in benchmarks/results/collate.md, TRL's
+padding-free collator 14-16 ms in the same run); Python lists cost a list -> array conversion of every column
+(1.9-2.5 ms there).
 
 Function-level API for code that rebuilds batches (the trainer integration)::
 
