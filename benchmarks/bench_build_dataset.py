@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import os
 import sys
 import time
@@ -28,13 +27,10 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = Path(os.environ.get("OPENSLOTH_SHARED_DATA", ROOT.parent / "shared" / "data"))
-CHAT_FILES = {
-    "alpaca": ["alpaca_en_demo.jsonl"],
-    "gsm8k": ["gsm8k_train-00000-of-00002.jsonl", "gsm8k_train-00001-of-00002.jsonl"],
-    "hh_rlhf": ["hh_rlhf_helpful_base_test.jsonl"],
-    "arena_hard": ["arena_hard_v0.1.jsonl"],
-}
+
+from opensloth.data.shared import SHARED_CHAT_FILES, read_shared_chat, shared_data_dir  # noqa: E402
+
+SHARED = shared_data_dir()
 
 
 def tokenised_datasets(replicate_rows: int):
@@ -44,9 +40,8 @@ def tokenised_datasets(replicate_rows: int):
     tok = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "qwen3"))
     rng = np.random.default_rng(0)
     out = {}
-    for name, files in CHAT_FILES.items():
-        records = [json.loads(line) for f in files for line in open(SHARED / "chat" / f, encoding="utf-8")
-                   if line.strip()]
+    for name in SHARED_CHAT_FILES:
+        records = read_shared_chat(name, SHARED / "chat")
         texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in records]
         ids = tok(texts, add_special_tokens=False)["input_ids"]
         labels = []

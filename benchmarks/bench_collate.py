@@ -12,7 +12,6 @@ Run: ``python benchmarks/bench_collate.py`` (writes the "Collate" section of ben
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,12 +29,13 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._report import machine_header, markdown_table, write_section  # noqa: E402
 from opensloth.collate import PackedDataCollator  # noqa: E402
+from opensloth.data.shared import read_shared_chat, shared_data_dir  # noqa: E402
 from opensloth.masks import block_causal_mask  # noqa: E402
 from opensloth.packing import pack_lengths  # noqa: E402
 
 CAPACITY = 4096
 N_ROWS = 8
-SHARED = Path(os.environ.get("OPENSLOTH_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SHARED = shared_data_dir()
 
 
 def load_samples(seed: int = 0) -> tuple[list[list[int]], str]:
@@ -46,8 +46,7 @@ def load_samples(seed: int = 0) -> tuple[list[list[int]], str]:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(tok_dir))
-        with open(chat, encoding="utf-8") as fh:
-            records = [json.loads(line) for line in fh if line.strip()]
+        records = read_shared_chat("hh_rlhf", SHARED / "chat")
         texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in records]
         ids = tok(texts, add_special_tokens=False)["input_ids"]
         return [x[:CAPACITY] for x in ids], f"shared hh-rlhf ({len(ids)} chats, Qwen3 template)"

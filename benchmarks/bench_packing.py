@@ -29,7 +29,6 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import hashlib  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -46,15 +45,10 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import peers  # noqa: E402
 from benchmarks._report import machine_header, markdown_table, package_versions, write_result  # noqa: E402
+from opensloth.data.shared import SHARED_CHAT_FILES, read_shared_chat, shared_data_dir  # noqa: E402
 from opensloth.packing import available_backends, balance, pack_lengths, partition_padded  # noqa: E402
 
-SHARED = Path(os.environ.get("OPENSLOTH_SHARED_DATA", ROOT.parent / "shared" / "data"))
-CHAT_FILES = {  # the same datasets as tests/conftest.py
-    "alpaca": ["alpaca_en_demo.jsonl"],
-    "gsm8k": ["gsm8k_train-00000-of-00002.jsonl", "gsm8k_train-00001-of-00002.jsonl"],
-    "hh_rlhf": ["hh_rlhf_helpful_base_test.jsonl"],
-    "arena_hard": ["arena_hard_v0.1.jsonl"],
-}
+SHARED = shared_data_dir()
 LENGTHS_CACHE = Path(os.environ.get("OPENSLOTH_BENCH_CACHE", "/tmp")) / "opensloth_bench_shared_lengths.npz"
 CAPACITIES = (2048, 4096, 8192)
 SIZES = (10_000, 100_000, 1_000_000)
@@ -106,16 +100,13 @@ def shared_lengths() -> dict[str, np.ndarray]:
     if LENGTHS_CACHE.is_file():
         with np.load(LENGTHS_CACHE) as cached:
             if str(cached["key"]) == key:
-                return {name: cached[name] for name in CHAT_FILES}
+                return {name: cached[name] for name in SHARED_CHAT_FILES}
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "qwen3"))
     out = {}
-    for name, files in CHAT_FILES.items():
-        records = []
-        for fname in files:
-            with open(SHARED / "chat" / fname, encoding="utf-8") as fh:
-                records.extend(json.loads(line) for line in fh if line.strip())
+    for name in SHARED_CHAT_FILES:
+        records = read_shared_chat(name, SHARED / "chat")
         texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in records]
         out[name] = np.asarray([len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]],
                                dtype=np.int64)
@@ -127,7 +118,7 @@ def shared_lengths() -> dict[str, np.ndarray]:
 
 def shared_pool() -> np.ndarray:
     """All shared datasets' lengths, concatenated in file order."""
-    return np.concatenate([shared_lengths()[name] for name in CHAT_FILES])
+    return np.concatenate([shared_lengths()[name] for name in SHARED_CHAT_FILES])
 
 
 def make_lengths(dist: str, n: int, seed: int = 0) -> np.ndarray:

@@ -74,8 +74,6 @@ VARIANTS = {
 DEFAULT_VARIANTS = ("unsloth_padded", "unsloth_auto", "unsloth_packing", "opensloth_rows", "opensloth_flat",
                     "hf_padded")
 HF_BACKEND_VARIANTS = ("hf_padded", "opensloth_rows", "opensloth_flat", "opensloth_rows_unbalanced")
-CHAT_FILES = ("alpaca_en_demo.jsonl", "gsm8k_train-00000-of-00002.jsonl", "gsm8k_train-00001-of-00002.jsonl",
-              "hh_rlhf_helpful_base_test.jsonl", "arena_hard_v0.1.jsonl")
 QWEN3_06B_SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                        tie_word_embeddings=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
@@ -88,11 +86,6 @@ MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1
 
 def say(*args: Any) -> None:
     print(*args, flush=True)
-
-
-def default_shared() -> Path:
-    env = os.environ.get("OPENSLOTH_SHARED_DATA")
-    return Path(env) if env else ROOT.parent / "shared" / "data"
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -195,7 +188,9 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
     if args.scaling == "global" and args.rows_per_step % args.nproc:
         raise SystemExit(f"--scaling global splits --rows_per_step {args.rows_per_step} over --nproc {args.nproc}: "
                          f"pick a multiple of {args.nproc}")
-    shared = default_shared()
+    from opensloth.data.shared import shared_data_dir
+
+    shared = shared_data_dir()
     work = Path(args.work_dir)
     random_model = args.model_name is None
     model_dir = str(work / ("model_tiny" if args.tiny else "model_qwen3_06b_random")) if random_model \
@@ -253,14 +248,12 @@ def prepare_data(cfg: BenchConfig) -> dict:
 
     from opensloth.data.chat import tokenize_chat_dataset
     from opensloth.data.packed import build_packed_dataset, packing_stats
+    from opensloth.data.shared import SHARED_CHAT_FILES, read_shared_chat
 
-    records = []
-    for name in CHAT_FILES:
-        path = Path(cfg.data_dir) / name
-        if not path.exists():
-            raise SystemExit(f"chat file {path} is missing; pass --data_dir (the shared data's chat folder)")
-        with open(path, encoding="utf-8") as fh:
-            records.extend(json.loads(line) for line in fh if line.strip())
+    try:
+        records = [r for name in SHARED_CHAT_FILES for r in read_shared_chat(name, cfg.data_dir)]
+    except FileNotFoundError as exc:
+        raise SystemExit(f"{exc}; or pass --data_dir (the shared data's chat folder)") from None
     order = np.random.default_rng(0).permutation(len(records))
     want = cfg.num_samples + cfg.eval_samples
     picked = [records[i] for i in order[: min(len(records), int(want * 1.05) + 16)]]

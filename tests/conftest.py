@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -14,6 +13,7 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 from hypothesis import settings  # noqa: E402
 
+from opensloth.data.shared import SHARED_CHAT_FILES, read_shared_chat, shared_data_dir  # noqa: E402
 from opensloth.packing import BACKEND_NAMES, backend_error  # noqa: E402
 
 # HYPOTHESIS_PROFILE=ci explores more; =sanitize keeps the ASan/UBSan run short; the default suits development.
@@ -22,14 +22,7 @@ settings.register_profile("ci", max_examples=400, deadline=None)
 settings.register_profile("sanitize", max_examples=60, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("OPENSLOTH_SHARED_DATA", ROOT.parent / "shared" / "data"))
-CHAT_FILES = {
-    "alpaca": ["alpaca_en_demo.jsonl"],
-    "gsm8k": ["gsm8k_train-00000-of-00002.jsonl", "gsm8k_train-00001-of-00002.jsonl"],
-    "hh_rlhf": ["hh_rlhf_helpful_base_test.jsonl"],
-    "arena_hard": ["arena_hard_v0.1.jsonl"],
-}
+SHARED_DATA = shared_data_dir()
 
 
 def _selected_backends() -> tuple[str, ...]:
@@ -74,14 +67,7 @@ def qwen3_tokenizer(shared_data):
 @pytest.fixture(scope="session")
 def chat_records(shared_data) -> dict[str, list[dict]]:
     """All shared chat datasets: name -> list of {"id", "messages"} records."""
-    out = {}
-    for name, files in CHAT_FILES.items():
-        records = []
-        for fname in files:
-            with open(shared_data / "chat" / fname, encoding="utf-8") as fh:
-                records.extend(json.loads(line) for line in fh if line.strip())
-        out[name] = records
-    return out
+    return {name: read_shared_chat(name, shared_data / "chat") for name in SHARED_CHAT_FILES}
 
 
 @pytest.fixture(scope="session")

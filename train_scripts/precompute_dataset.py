@@ -30,12 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-SHARED_CHAT_FILES = {
-    "alpaca": ["alpaca_en_demo.jsonl"],
-    "gsm8k": ["gsm8k_train-00000-of-00002.jsonl", "gsm8k_train-00001-of-00002.jsonl"],
-    "hh_rlhf": ["hh_rlhf_helpful_base_test.jsonl"],
-    "arena_hard": ["arena_hard_v0.1.jsonl"],
-}
+from opensloth.data.shared import SHARED_CHAT_FILES, read_chat_records, shared_chat_paths  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,22 +81,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def shared_data_dir() -> Path:
-    return Path(os.environ.get("OPENSLOTH_SHARED_DATA", ROOT.parent / "shared" / "data"))
-
-
 def resolve_source(src: str) -> list[Path]:
     """Files or folders for one --data entry."""
     path = Path(src)
     if path.exists():
         return [path]
     if src in SHARED_CHAT_FILES:
-        chat = shared_data_dir() / "chat"
-        files = [chat / f for f in SHARED_CHAT_FILES[src]]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise SystemExit(f"shared dataset {src!r} not found ({', '.join(missing)}); set OPENSLOTH_SHARED_DATA")
-        return files
+        try:
+            return shared_chat_paths(src)
+        except FileNotFoundError as exc:
+            raise SystemExit(str(exc)) from None
     raise SystemExit(f"--data {src!r} is neither an existing file/folder nor a shared dataset name "
                      f"({', '.join(SHARED_CHAT_FILES)})")
 
@@ -116,8 +105,6 @@ def sha256_file(path: Path) -> str:
 
 def load_records(sources: list[str], max_records: int | None):
     """All records of the sources, as a list of dicts (or one datasets.Dataset for a save_to_disk folder)."""
-    from tqdm import tqdm
-
     records: list = []
     provenance = []
     paths = [(src, path) for src in sources for path in resolve_source(src)]
@@ -132,19 +119,10 @@ def load_records(sources: list[str], max_records: int | None):
         paths = []
     for src, path in paths:
         n0 = len(records)
-        if path.suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, list):
-                raise SystemExit(f"{path} holds a JSON {type(data).__name__}; expected a list of records")
-            records.extend(data)
-        else:
-            with open(path, encoding="utf-8") as fh:
-                for lineno, line in enumerate(tqdm(fh, desc=f"read {path.name}", unit=" lines", leave=False), 1):
-                    if line.strip():
-                        try:
-                            records.append(json.loads(line))
-                        except ValueError as exc:
-                            raise SystemExit(f"{path}:{lineno}: not valid JSON ({exc})") from None
+        try:
+            records.extend(read_chat_records(path, progress=True))
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
         provenance.append({"source": src, "path": str(path), "rows": len(records) - n0,
                            "sha256": sha256_file(path)})
     if max_records is not None:

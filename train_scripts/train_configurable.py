@@ -26,13 +26,8 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 # Nothing below imports torch, transformers, trl or peft at module level: Unsloth must be imported first when used.
 from opensloth.config import TrainConfig, build_parser, resolve_config  # noqa: E402
+from opensloth.data.shared import SHARED_CHAT_FILES, read_chat_records, shared_chat_paths, shared_data_dir  # noqa: E402
 
-SHARED_CHAT_FILES = {
-    "alpaca": ["alpaca_en_demo.jsonl"],
-    "gsm8k": ["gsm8k_train-00000-of-00002.jsonl", "gsm8k_train-00001-of-00002.jsonl"],
-    "hh_rlhf": ["hh_rlhf_helpful_base_test.jsonl"],
-    "arena_hard": ["arena_hard_v0.1.jsonl"],
-}
 SUMMARY_FILE = "run_summary.json"
 DATA_FORMAT = 2  # bump when the prepared-dataset layout changes (part of the cache key); 2: rows packed "best"
 
@@ -254,25 +249,11 @@ def _ensure_pad(tokenizer):
 # ------------------------------------------------------------------------------------------------ data
 
 
-def shared_data_dir() -> Path:
-    return Path(os.environ.get("OPENSLOTH_SHARED_DATA", ROOT.parent / "shared" / "data"))
-
-
 def _read_json_records(path: Path) -> list[dict]:
-    if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, list):
-            raise RunError(f"{path} holds a JSON {type(data).__name__}; expected a list of chat records")
-        return data
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except ValueError as exc:
-                    raise RunError(f"{path}:{lineno} is not valid JSON ({exc})") from None
-    return records
+    try:
+        return read_chat_records(path)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
 
 
 def dataset_identity(spec: str, seed: int) -> dict:
@@ -313,11 +294,10 @@ def load_records(spec: str, train_samples: int, test_samples: int, seed: int):
                 raise RunError(f"--dataset {spec}: the DatasetDict has no 'train' split ({list(records)})")
             records = records["train"]
     elif spec in SHARED_CHAT_FILES:
-        files = [shared_data_dir() / "chat" / f for f in SHARED_CHAT_FILES[spec]]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise RunError(f"--dataset {spec}: shared data not found ({', '.join(missing)}); set "
-                           f"OPENSLOTH_SHARED_DATA to the shared data folder")
+        try:
+            files = shared_chat_paths(spec)
+        except FileNotFoundError as exc:
+            raise RunError(f"--dataset {spec}: {exc}") from None
         records = [r for f in files for r in _read_json_records(f)]
     else:
         from datasets import load_dataset

@@ -1,0 +1,69 @@
+"""The project's shared chat datasets (alpaca, gsm8k, hh_rlhf, arena_hard) by name, and reading chat-record files.
+
+The shared data folder is ``$OPENSLOTH_SHARED_DATA``, else ``../shared/data`` beside the checkout; its ``chat/``
+folder holds JSONL files of ``{"id", "messages"}`` records. The training scripts accept these names as datasets;
+tests and benchmarks read them through here, so the file list lives in one place. Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+SHARED_CHAT_FILES: dict[str, tuple[str, ...]] = {
+    "alpaca": ("alpaca_en_demo.jsonl",),
+    "gsm8k": ("gsm8k_train-00000-of-00002.jsonl", "gsm8k_train-00001-of-00002.jsonl"),
+    "hh_rlhf": ("hh_rlhf_helpful_base_test.jsonl",),
+    "arena_hard": ("arena_hard_v0.1.jsonl",),
+}
+
+
+def shared_data_dir() -> Path:
+    """``$OPENSLOTH_SHARED_DATA``, else ``shared/data`` beside the repository checkout."""
+    env = os.environ.get("OPENSLOTH_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def shared_chat_paths(name: str, chat_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The files of shared dataset ``name`` (in ``chat_dir``, default the shared data's ``chat/``); every one must
+    exist."""
+    if name not in SHARED_CHAT_FILES:
+        raise KeyError(f"{name!r} is not a shared dataset; choose from {', '.join(SHARED_CHAT_FILES)}")
+    folder = Path(chat_dir) if chat_dir is not None else shared_data_dir() / "chat"
+    paths = [folder / f for f in SHARED_CHAT_FILES[name]]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"shared dataset {name!r}: {', '.join(missing)} not found; set "
+                                "OPENSLOTH_SHARED_DATA to the shared data folder")
+    return paths
+
+
+def read_chat_records(path: str | os.PathLike, *, progress: bool = False) -> list[dict]:
+    """The records of a JSONL file (one JSON object per non-blank line) or of a ``.json`` file holding a list;
+    ``progress`` shows a tqdm bar over the lines. A line that is not JSON raises ValueError naming file and line."""
+    path = Path(path)
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, list):
+            raise ValueError(f"{path} holds a JSON {type(data).__name__}; expected a list of chat records")
+        return data
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        lines = fh
+        if progress:
+            from tqdm import tqdm
+
+            lines = tqdm(fh, desc=f"read {path.name}", unit=" lines", leave=False)
+        for lineno, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError as exc:
+                    raise ValueError(f"{path}:{lineno} is not valid JSON ({exc})") from None
+    return records
+
+
+def read_shared_chat(name: str, chat_dir: str | os.PathLike | None = None) -> list[dict]:
+    """All records of shared dataset ``name``, its files concatenated in order."""
+    return [r for path in shared_chat_paths(name, chat_dir) for r in read_chat_records(path)]

@@ -1,0 +1,51 @@
+"""opensloth.data.shared: the shared chat datasets by name, and reading chat-record files with clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from opensloth.data.shared import SHARED_CHAT_FILES, read_chat_records, read_shared_chat, shared_chat_paths
+
+
+def test_every_shared_dataset_reads_as_chat_records(shared_data):
+    for name in SHARED_CHAT_FILES:
+        records = read_shared_chat(name)
+        assert records and all(isinstance(r["messages"], list) and r["messages"] for r in records)
+    # gsm8k is two files, concatenated in order
+    first, second = (read_chat_records(p) for p in shared_chat_paths("gsm8k"))
+    assert read_shared_chat("gsm8k") == first + second
+
+
+def test_unknown_name_and_missing_files_say_what_to_do(tmp_path):
+    with pytest.raises(KeyError, match="not a shared dataset; choose from alpaca, gsm8k"):
+        shared_chat_paths("capybara")
+    with pytest.raises(FileNotFoundError, match="alpaca_en_demo.jsonl not found; set OPENSLOTH_SHARED_DATA"):
+        shared_chat_paths("alpaca", tmp_path)
+
+
+def test_shared_data_dir_follows_the_environment(tmp_path, monkeypatch):
+    (tmp_path / "chat").mkdir()
+    (tmp_path / "chat" / "alpaca_en_demo.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    monkeypatch.setenv("OPENSLOTH_SHARED_DATA", str(tmp_path))
+    assert read_shared_chat("alpaca") == [{"messages": [{"role": "user", "content": "hi"}]}]
+
+
+def test_read_chat_records_jsonl_json_and_bad_lines(tmp_path):
+    good = [{"messages": [{"role": "user", "content": "a"}]}, {"messages": [{"role": "user", "content": "b"}]}]
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text(json.dumps(good[0]) + "\n\n" + json.dumps(good[1]) + "\n")
+    assert read_chat_records(jsonl) == good
+    assert read_chat_records(jsonl, progress=True) == good
+    as_list = tmp_path / "x.json"
+    as_list.write_text(json.dumps(good))
+    assert read_chat_records(as_list) == good
+    as_dict = tmp_path / "d.json"
+    as_dict.write_text(json.dumps({"messages": []}))
+    with pytest.raises(ValueError, match="holds a JSON dict; expected a list of chat records"):
+        read_chat_records(as_dict)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(good[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"broken.jsonl:2 is not valid JSON"):
+        read_chat_records(broken)
