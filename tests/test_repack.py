@@ -475,3 +475,24 @@ def test_unsloth_varlen_keys_are_rebuilt_by_the_recut(shapes):
         assert set(b) == set(batches[0])
         assert b["opensloth_max_seqlen"] == batches[0]["opensloth_max_seqlen"]  # a constant: no recompiles
         _check_varlen_keys(b)
+
+
+def test_flat_recut_keeps_max_seqlen_an_upper_bound_of_every_segment():
+    """Without a constant max_seqlen the flat collator reports each micro-batch's longest segment; a recut that moves
+    a long sample into another micro-batch must carry a bound that still covers it (FlashAttention would otherwise
+    leave the sample's tail uncomputed)."""
+    from opensloth.collate import UNSLOTH_VARLEN_METADATA, PackedDataCollator
+    from opensloth.masks import lengths_from_cu_seq_lens
+
+    collator = PackedDataCollator(layout="flat", metadata=UNSLOTH_VARLEN_METADATA)
+    windows = [[[102, 54, 62], [15], [35], [130, 182, 101, 121]], [[180, 3], [4, 5], [6, 7], [8, 9]]]
+    changed = 0
+    for window in windows:
+        batches = [collator([{"input_ids": list(range(1, n + 1))} for n in lens]) for lens in window]
+        out, stats = repack_window(batches)
+        changed += stats.changed
+        bound = max(b["opensloth_max_seqlen"] for b in batches)
+        for b in out:
+            assert int(lengths_from_cu_seq_lens(b["opensloth_cu_seqlens"]).max()) <= b["opensloth_max_seqlen"]
+            assert b["opensloth_max_seqlen"] == bound  # one value per window
+    assert changed  # the recut did move samples, so the bound was rebuilt

@@ -309,10 +309,11 @@ def _check_packed_batches(batches: list[dict]) -> None:
             raise _Passthrough("row batches of one window differ in shape")
 
 
-def _metadata(like: dict, lengths: np.ndarray) -> dict:
-    """Rebuild the flattened metadata keys that ``like`` carries, for the new segments."""
+def _metadata(batches: list[dict], lengths: np.ndarray) -> dict:
+    """Rebuild the flattened metadata keys that the window's micro-batches carry, for the new segments."""
     from opensloth.masks import cu_seq_lens_from_lengths
 
+    like = batches[0]
     out: dict[str, Any] = {}
     if "packed_seq_lengths" in like:
         ref = like["packed_seq_lengths"]
@@ -328,8 +329,11 @@ def _metadata(like: dict, lengths: np.ndarray) -> dict:
                 if isinstance(like[k], torch.Tensor) else value
     if "use_cache" in like:
         out["use_cache"] = like["use_cache"]
-    if "opensloth_max_seqlen" in like:  # a constant bound: a changing int would recompile the compiled blocks
-        out["opensloth_max_seqlen"] = like["opensloth_max_seqlen"]
+    if "opensloth_max_seqlen" in like:
+        # The largest bound of the window covers every sample the new micro-batch can hold (each micro-batch's bound
+        # covers its own samples); when the collator was given a constant, it stays that constant (an int that
+        # changed between batches would recompile Unsloth's compiled blocks).
+        out["opensloth_max_seqlen"] = max(int(b["opensloth_max_seqlen"]) for b in batches)
     return out
 
 
@@ -400,7 +404,7 @@ def _repack_flat(batches: list[dict], stats: WindowStats, work_model: WorkModel,
         if "attention_mask" in like:
             ref = like["attention_mask"]
             new["attention_mask"] = block_causal_mask(lens, dtype=ref.dtype, device=ref.device)
-        new.update(_metadata(like, lens))
+        new.update(_metadata(batches, lens))
         out.append({k: new[k] for k in like})
     stats.changed = True
     stats.slots = int(sum(tokens_after))
@@ -439,7 +443,7 @@ def _repack_rows(batches: list[dict], stats: WindowStats, work_model: WorkModel,
         idx = torch.from_numpy(items).to(like["input_ids"].device)
         new = {k: stacked[k].index_select(0, idx.to(stacked[k].device)) for k in row_keys}
         seg = [rows[i] for i in items]
-        new.update(_metadata(like, np.concatenate(seg)))
+        new.update(_metadata(batches, np.concatenate(seg)))
         out.append({k: new[k] for k in like})
     stats.changed = True
     stats.max_batch_work_after = max(after)
