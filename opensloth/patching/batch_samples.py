@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from opensloth.collate import VARLEN_CU_SEQLENS_KEY, VARLEN_MAX_SEQLEN_KEY
 from opensloth.distributed import logger
 from opensloth.sampler import WorkModel
 
@@ -51,7 +52,7 @@ _PADDED_KEYS = frozenset({"input_ids", "attention_mask", "labels", "position_ids
 _PACKED_KEYS = frozenset({
     "input_ids", "labels", "position_ids", "packed_seq_lengths", "cu_seq_lens_q", "cu_seq_lens_k",
     "max_length_q", "max_length_k", "seq_idx", "attention_mask", "use_cache",
-    "opensloth_cu_seqlens", "opensloth_max_seqlen",  # opensloth.collate's varlen keys (Unsloth FA2 varlen path)
+    VARLEN_CU_SEQLENS_KEY, VARLEN_MAX_SEQLEN_KEY,  # opensloth.collate's varlen keys (Unsloth FA2 varlen path)
 })
 _MARK = "_opensloth_repack"
 _logged_reasons: set[str] = set()
@@ -241,9 +242,9 @@ def _segment_lengths(batch: dict, row_width: int, n_tokens: int) -> list[np.ndar
     elif "cu_seq_lens_q" in batch:
         flat = lengths_from_cu_seq_lens(batch["cu_seq_lens_q"]).numpy().astype(np.int64)
         source = "cu_seq_lens_q"
-    elif "opensloth_cu_seqlens" in batch:
-        flat = lengths_from_cu_seq_lens(batch["opensloth_cu_seqlens"].cpu()).numpy().astype(np.int64)
-        source = "opensloth_cu_seqlens"
+    elif VARLEN_CU_SEQLENS_KEY in batch:
+        flat = lengths_from_cu_seq_lens(batch[VARLEN_CU_SEQLENS_KEY]).numpy().astype(np.int64)
+        source = VARLEN_CU_SEQLENS_KEY
     elif pos is not None:
         rows = lengths_from_position_ids(pos.reshape(-1, row_width))
         return [r.numpy().astype(np.int64) for r in rows]
@@ -318,9 +319,9 @@ def _metadata(batches: list[dict], lengths: np.ndarray) -> dict:
     if "packed_seq_lengths" in like:
         ref = like["packed_seq_lengths"]
         out["packed_seq_lengths"] = torch.as_tensor(lengths, dtype=ref.dtype).to(ref.device)
-    for k in ("cu_seq_lens_q", "cu_seq_lens_k", "opensloth_cu_seqlens"):
+    cu = cu_seq_lens_from_lengths(lengths)
+    for k in ("cu_seq_lens_q", "cu_seq_lens_k", VARLEN_CU_SEQLENS_KEY):
         if k in like:
-            cu = cu_seq_lens_from_lengths(lengths)
             out[k] = cu.to(dtype=like[k].dtype, device=like[k].device)
     for k in ("max_length_q", "max_length_k"):
         if k in like:
@@ -329,11 +330,11 @@ def _metadata(batches: list[dict], lengths: np.ndarray) -> dict:
                 if isinstance(like[k], torch.Tensor) else value
     if "use_cache" in like:
         out["use_cache"] = like["use_cache"]
-    if "opensloth_max_seqlen" in like:
+    if VARLEN_MAX_SEQLEN_KEY in like:
         # The largest bound of the window covers every sample the new micro-batch can hold (each micro-batch's bound
         # covers its own samples); when the collator was given a constant, it stays that constant (an int that
         # changed between batches would recompile Unsloth's compiled blocks).
-        out["opensloth_max_seqlen"] = max(int(b["opensloth_max_seqlen"]) for b in batches)
+        out[VARLEN_MAX_SEQLEN_KEY] = max(int(b[VARLEN_MAX_SEQLEN_KEY]) for b in batches)
     return out
 
 

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from opensloth.collate import VARLEN_CU_SEQLENS_KEY, VARLEN_MAX_SEQLEN_KEY
 from opensloth.distributed import logger
 
 __all__ = [
@@ -53,8 +54,8 @@ __all__ = [
 ]
 
 SUPPORTED_UNSLOTH_VERSIONS = ("2026.10.9",)
-CU_SEQLENS_KEY = "opensloth_cu_seqlens"
-MAX_SEQLEN_KEY = "opensloth_max_seqlen"
+CU_SEQLENS_KEY = VARLEN_CU_SEQLENS_KEY  # the batch keys opensloth.collate writes
+MAX_SEQLEN_KEY = VARLEN_MAX_SEQLEN_KEY
 _QWEN3 = "unsloth.models.qwen3"
 _LLAMA = "unsloth.models.llama"
 _DISPATCH = "unsloth.utils.attention_dispatch"
