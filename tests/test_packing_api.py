@@ -126,6 +126,8 @@ def test_partition_padded_rejects_bad_input(backend, lengths, k, cap, pattern):
         ([3, 1], 0, ValueError, r"num_parts = 0 must be a positive integer"),
         ([3, 1], 2.0001, ValueError, r"num_parts = 2.0001 must be a positive integer"),
         ([2**62] * 3, 2, ValueError, r"costs\[0\] = 4611686018427387904 exceeds 3074457345618258602"),
+        ([3, 1], 10**11, ValueError, r"num_parts = 100000000000 exceeds 65536 \(the larger of the 2 items and "
+                                     r"65536\): parts beyond the item count stay empty"),
     ],
 )
 def test_balance_rejects_bad_input(backend, costs, k, exc, pattern):

@@ -25,6 +25,7 @@ from opensloth.distributed import logger
 
 __all__ = [
     "BACKEND_NAMES",
+    "MAX_EMPTY_PARTS",
     "PackPlan",
     "available_backends",
     "balance",
@@ -36,6 +37,7 @@ __all__ = [
 BACKEND_NAMES = ("native", "numba", "python")
 STRATEGIES = ("bfd", "ffd", "exact_fit", "best")
 _INT64_MAX = np.iinfo(np.int64).max
+MAX_EMPTY_PARTS = 1 << 16  # balance(): num_parts may exceed the item count up to this (each part is an array)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Backend loading
@@ -372,7 +374,8 @@ def balance(costs: Any, num_parts: int, *, equal_count: bool = False, backend: s
     the smaller maximum is kept (LPT on a tie) and then refined by swaps between the heaviest and the lightest part.
     The result is never worse than LPT. ``equal_count=True`` keeps the number of items per part within one (exactly
     equal when ``num_parts`` divides the count). Costs are non-negative integers (scale and round float costs first).
-    Each part's indices are returned in ascending order; parts may be empty when there are fewer items than parts.
+    Each part's indices are returned in ascending order; parts may be empty when there are fewer items than parts
+    (``num_parts`` at most the larger of the item count and ``MAX_EMPTY_PARTS``, since every part is returned).
     """
     num_parts = _as_positive_int(num_parts, "num_parts")
     arr = _as_int64(costs, "costs", low=0, high=None)
@@ -382,6 +385,12 @@ def balance(costs: Any, num_parts: int, *, equal_count: bool = False, backend: s
         raise ValueError(
             f"costs[{i}] = {arr[i]} exceeds {limit}: with {arr.shape[0]} items the sum of costs must fit in int64; "
             "pass costs in smaller units"
+        )
+    most_parts = max(arr.shape[0], MAX_EMPTY_PARTS)
+    if num_parts > most_parts:
+        raise ValueError(
+            f"num_parts = {num_parts} exceeds {most_parts} (the larger of the {arr.shape[0]} items and "
+            f"{MAX_EMPTY_PARTS}): parts beyond the item count stay empty, and every part is returned; ask for fewer"
         )
     if not isinstance(equal_count, (bool, np.bool_)):
         raise TypeError(f"equal_count must be True or False, got {equal_count!r}")
