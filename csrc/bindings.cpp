@@ -97,8 +97,9 @@ void check_values(const py::array& a, const std::string& name, const py::dtype* 
     const py::ssize_t size = dt.itemsize();
     if ((kind != 'i' && kind != 'u' && kind != 'b') || (size != 1 && size != 2 && size != 4 && size != 8))
         throw py::type_error(name + " must hold integers or booleans of 1, 2, 4 or 8 bytes");
-    if (like != nullptr && (kind != like->kind() || size != like->itemsize()))
-        throw py::type_error(name + " has another dtype than out");
+    if (like != nullptr && (kind != like->kind() || size != like->itemsize() ||
+                            dt.attr("isnative").cast<bool>() != like->attr("isnative").cast<bool>()))
+        throw py::type_error(name + " has another dtype than out (kind, width or byte order)");
 }
 
 int64_t gather_segments(const py::sequence& sources, const py::object& chunks, const InArray& starts,

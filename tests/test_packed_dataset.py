@@ -562,6 +562,25 @@ def test_gather_copies_strided_values_and_accepts_lists_of_indices(gather_name):
     assert gather_segments(values, [], [], backend=gather_name).tolist() == []
 
 
+def test_gather_handles_non_native_byte_order(gather_name):
+    from opensloth.packing._gather import gather_segments
+
+    values = np.arange(10, dtype=">i4")  # big-endian: the numba kernel used to fail to compile for it
+    got = gather_segments(values, [2, 5], [2, 3], backend=gather_name)
+    assert got.dtype == values.dtype and got.tolist() == [2, 3, 5, 6, 7]
+
+
+def test_run_gather_refuses_an_output_of_another_size(gather_name):
+    """run_gather serves the builder with pre-validated segments; a wrong-sized output must still not be written
+    past its end by the unchecked numba kernel."""
+    from opensloth.packing._gather import check_segments, run_gather
+
+    seg = check_segments(np.arange(10), [0, 4], [3, 3])
+    with pytest.raises(ValueError, match=r"out has 5 elements but the segments of this order hold 6|"
+                                         r"the segments hold more than the 5 elements of the output"):
+        run_gather(seg, np.empty(5, dtype=np.int64), gather_name)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Real data: the shared chat datasets under the Qwen3 chat template
 # ---------------------------------------------------------------------------------------------------------------

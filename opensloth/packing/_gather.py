@@ -259,15 +259,19 @@ def run_gather(seg: Segments, out: np.ndarray, backend: str, order: np.ndarray |
     segments: the builder validates the whole order once and gathers it slice by slice.
     """
     order = seg.order if order is None else order
-    if backend == "native":
+    if backend == "native":  # checks every index and size itself
         _native_gather()(seg.sources, seg.chunks, seg.starts, seg.lengths, order, out)
         return out
     values, starts = seg.flat()
     if order is None:
         order = np.arange(seg.starts.shape[0], dtype=np.int64)
+    held = int(seg.lengths[order].sum())
+    if held != out.shape[0]:  # the numba kernel does not check its writes
+        raise ValueError(f"out has {out.shape[0]} elements but the segments of this order hold {held}")
     if backend == "numba":
-        # bool arrays go through the kernel as uint8 (same bytes), so it compiles for fewer dtypes
-        view = np.uint8 if values.dtype == np.bool_ else values.dtype
+        # the kernel copies bytes: unsigned integers of the same width serve every dtype and byte order, so it
+        # compiles four times at most
+        view = np.dtype(f"u{values.dtype.itemsize}")
         _numba_kernel()(values.view(view), starts, seg.lengths, order, out.view(view))
         return out
     lens = seg.lengths[order]
