@@ -33,6 +33,7 @@ import pytest
 import torch
 
 LOSS_RTOL = 5e-4
+QWEN3 = "unsloth.models.qwen3"
 GRAD_RTOL = 5e-2
 CAPACITY = 1024
 
@@ -160,6 +161,7 @@ def test_packed_loss_and_grads_equal_samples_alone(unsloth_model, samples, layou
     loss, grads = _run(model, batch, device)
     after = varlen_status()
     assert after["traced"] + after["eager_calls"] > before["traced"] + before["eager_calls"] or after["traced"] > 0
+    assert after[f"{QWEN3}.run_attention"] and after[f"{QWEN3}.get_packed_info_from_kwargs"]  # routed through ours
     print(f"\n{layout}: packed loss {loss:.6f} vs samples alone {ref_loss:.6f} (diff {loss - ref_loss:+.2e}); "
           f"grad rel err {_rel(grads, ref_grads):.2e}; {n_targets} targets; status {after}")
     assert math.isfinite(loss)
@@ -178,10 +180,16 @@ def test_packed_loss_and_grads_equal_samples_alone(unsloth_model, samples, layou
 
 
 def test_compiled_blocks_kept(unsloth_model, samples):
-    """The varlen batch ran in Unsloth's compiled blocks (not demoted to the stock forward)."""
+    """The varlen batch ran in Unsloth's compiled blocks (not demoted to the stock forward); self-contained: it runs
+    one packed forward and backward itself, so it does not depend on the tests before it."""
+    from opensloth.collate import UNSLOTH_VARLEN_METADATA, collate_samples
     from opensloth.patching.unsloth_attention import varlen_status
 
-    model, _ = unsloth_model
+    model, tokenizer = unsloth_model
+    batch = collate_samples(_features(samples[:4]), layout="flat", pad_token_id=tokenizer.pad_token_id,
+                            metadata=UNSLOTH_VARLEN_METADATA, max_seqlen=CAPACITY)
+    loss, _ = _run(model, batch, next(model.parameters()).device)
+    assert math.isfinite(loss)
     layers = [m for m in model.modules() if type(m).__name__ == "Qwen3DecoderLayer"]
     assert layers
     modes = {m.__dict__.get("_unsloth_block_mode") for m in layers}
@@ -227,4 +235,7 @@ def test_sft_trainer_flow(unsloth_model, chat_records, qwen3_tokenizer, tmp_path
     assert any(not torch.equal(p, s) for p, s in zip(lora_b, start))
     after = varlen_status()
     assert after["traced"] + after["eager_calls"] >= before["traced"] + before["eager_calls"]
+    # the Trainer and Unsloth's own patches left our wrappers in place, and the wrapper has run
+    assert after[f"{QWEN3}.run_attention"] and after[f"{QWEN3}.get_packed_info_from_kwargs"]
+    assert after["traced"] + after["eager_calls"] > 0
     assert getattr(trainer, "_opensloth_window_stats", None) is not None  # the batch-samples wrapper ran
