@@ -215,6 +215,14 @@ def _as_int64(values: Any, name: str, *, low: int, high: int | None, high_name: 
     return out
 
 
+def _check_per_item_limit(arr: np.ndarray, name: str, limit: int, why: str) -> None:
+    """A bound on every value that depends on the item count (so that sums or products stay exact in int64)."""
+    if int(arr.max()) > limit:
+        i = int(np.argmax(arr > limit))
+        raise ValueError(f"{name}[{i}] = {arr[i]} exceeds {limit}: with {arr.shape[0]} items {why}; "
+                         f"pass {name} in smaller units")
+
+
 def _as_positive_int(value: Any, name: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (Integral, Real)):
         raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
@@ -345,13 +353,8 @@ def partition_padded(
     arr = _as_int64(lengths, "lengths", low=1, high=cap, high_name="max_tokens_per_batch",
                     fix="; a single sample must fit in one batch")
     # Every padded cost is at most longest x count, which must stay below the DP's INF (2**62) for exact int64.
-    limit = ((1 << 62) - 1) // arr.shape[0]
-    if int(arr.max()) > limit:
-        i = int(np.argmax(arr > limit))
-        raise ValueError(
-            f"lengths[{i}] = {arr[i]} exceeds {limit}: with {arr.shape[0]} items the padded size (longest x count) "
-            "must stay below 2**62 for exact int64 arithmetic; pass lengths in smaller units"
-        )
+    _check_per_item_limit(arr, "lengths", ((1 << 62) - 1) // arr.shape[0],
+                          "the padded size (longest x count) must stay below 2**62 for exact int64 arithmetic")
     if num_batches > arr.shape[0]:
         raise ValueError(
             f"num_batches = {num_batches} exceeds the number of items {arr.shape[0]}; every batch must be non-empty, "
@@ -379,13 +382,7 @@ def balance(costs: Any, num_parts: int, *, equal_count: bool = False, backend: s
     """
     num_parts = _as_positive_int(num_parts, "num_parts")
     arr = _as_int64(costs, "costs", low=0, high=None)
-    limit = _INT64_MAX // arr.shape[0]
-    if int(arr.max()) > limit:
-        i = int(np.argmax(arr > limit))
-        raise ValueError(
-            f"costs[{i}] = {arr[i]} exceeds {limit}: with {arr.shape[0]} items the sum of costs must fit in int64; "
-            "pass costs in smaller units"
-        )
+    _check_per_item_limit(arr, "costs", _INT64_MAX // arr.shape[0], "the sum of costs must fit in int64")
     most_parts = max(arr.shape[0], MAX_EMPTY_PARTS)
     if num_parts > most_parts:
         raise ValueError(
