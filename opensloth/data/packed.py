@@ -27,7 +27,7 @@ import numpy as np
 
 from opensloth.distributed import get_rank, logger
 from opensloth.packing import STRATEGIES, get_backend, pack_lengths
-from opensloth.packing._gather import Segments, gather_backend, run_gather
+from opensloth.packing._gather import GatherPlan, gather_backend, run_gather
 
 __all__ = [
     "OVERLONG_POLICIES",
@@ -388,7 +388,8 @@ def build_packed_dataset(
             starts = col.starts[src] + piece_offset
             chunks = None if col.chunks is None else col.chunks[src]
         # In bounds by construction (see _Column), and order is the packer's permutation of the samples.
-        seg = Segments.trusted(col.sources, starts, sample_len, order, chunks, n_tokens)
+        seg = GatherPlan.trusted(sources=col.sources, starts=starts, lengths=sample_len, order=order, chunks=chunks,
+                                 size=n_tokens)
         flat = _empty(n_tokens, seg.dtype)
         if len(spans) == 1:
             run_gather(seg, flat, gather)

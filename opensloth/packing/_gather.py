@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["GATHER_BACKENDS", "Segments", "check_segments", "gather_backend", "gather_segments", "run_gather"]
+__all__ = ["GATHER_BACKENDS", "GatherPlan", "check_segments", "gather_backend", "gather_segments", "run_gather"]
 
 GATHER_BACKENDS = ("native", "numba", "numpy")
 _ALIASES = {"python": "numpy"}
@@ -107,26 +107,27 @@ def _first_loading() -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class Segments:
+class GatherPlan:
     """Validated gather inputs: ``sources`` (C-contiguous 1-D arrays of one dtype), int64 ``starts``, ``lengths``,
     ``chunks`` (None: every segment in ``sources[0]``), ``order`` (None: every segment, in index order) and the
     output ``size`` in elements. Build it with ``check_segments``."""
 
     __slots__ = ("_flat", "chunks", "dtype", "lengths", "order", "size", "sources", "starts")
 
-    def __init__(self, sources, starts, lengths, chunks, order, size, dtype):
+    def __init__(self, *, sources, starts, lengths, chunks, order, size, dtype):
         self.sources, self.starts, self.lengths = sources, starts, lengths
         self.chunks, self.order, self.size, self.dtype = chunks, order, size, dtype
         self._flat = None
 
     @classmethod
-    def trusted(cls, sources: list[np.ndarray], starts: np.ndarray, lengths: np.ndarray, order: np.ndarray | None,
-                chunks: np.ndarray | None, size: int) -> Segments:
-        """Segments whose validity the caller guarantees instead of ``check_segments`` (the packed-dataset builder
+    def trusted(cls, *, sources: list[np.ndarray], starts: np.ndarray, lengths: np.ndarray,
+                order: np.ndarray | None, chunks: np.ndarray | None, size: int) -> GatherPlan:
+        """A plan whose validity the caller guarantees instead of ``check_segments`` (the packed-dataset builder
         derives them from arrow list offsets): sources C-contiguous, 1-D, of one dtype; int64 C-contiguous index
         arrays; every index in range and every segment inside its source; ``size`` the total. The native gather
         still checks every index it uses; the numba and numpy paths rely on these guarantees."""
-        return cls(sources, starts, lengths, chunks, order, size, sources[0].dtype)
+        return cls(sources=sources, starts=starts, lengths=lengths, chunks=chunks, order=order, size=size,
+                   dtype=sources[0].dtype)
 
     def flat(self) -> tuple[np.ndarray, np.ndarray]:
         """One flat source and global starts, for the numba and numpy paths (the sources concatenated, once, when
@@ -165,8 +166,8 @@ def check_segments(
     order: Any = None,
     *,
     chunks: Any = None,
-) -> Segments:
-    """Validate gather inputs once (see ``gather_segments``) and return them normalised as ``Segments``."""
+) -> GatherPlan:
+    """Validate gather inputs once (see ``gather_segments``) and return them normalised as ``GatherPlan``."""
     if isinstance(values, np.ndarray):
         sources = [values]
     elif isinstance(values, Sequence) and not isinstance(values, str | bytes):
@@ -227,10 +228,11 @@ def check_segments(
             bad = _first((order < 0) | (order >= n))
             raise ValueError(f"order[{bad}] = {int(order[bad])} is not a segment index in [0, {n})")
         size = int(lengths[order].sum())
-    return Segments(sources, starts, lengths, chunks, order, size, dtype)
+    return GatherPlan(sources=sources, starts=starts, lengths=lengths, chunks=chunks, order=order, size=size,
+                      dtype=dtype)
 
 
-def _check_out(out: Any, seg: Segments) -> np.ndarray:
+def _check_out(out: Any, seg: GatherPlan) -> np.ndarray:
     if out is None:
         return np.empty(seg.size, dtype=seg.dtype)
     if not isinstance(out, np.ndarray):
@@ -252,7 +254,7 @@ def _check_out(out: Any, seg: Segments) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_gather(seg: Segments, out: np.ndarray, backend: str, order: np.ndarray | None = None) -> np.ndarray:
+def run_gather(seg: GatherPlan, out: np.ndarray, backend: str, order: np.ndarray | None = None) -> np.ndarray:
     """Gather validated segments into ``out`` with gather backend ``backend`` (from ``gather_backend``).
 
     ``order`` (optional) replaces ``seg.order`` for this call; it must lie in range and ``out`` must hold exactly its
