@@ -286,7 +286,7 @@ def test_version_gate(monkeypatch, caplog):
     assert not getattr(fake.qwen3.run_attention, "_opensloth_varlen_wrapper", False)
     with pytest.raises(ua.UnslothPatchError, match="2026.11.1"):
         ua.patch_unsloth_torch_varlen()
-    logging.getLogger("opensloth").propagate = True
+    monkeypatch.setattr(logging.getLogger("opensloth"), "propagate", True)
     with caplog.at_level(logging.WARNING, logger="opensloth"):
         assert ua.patch_unsloth_varlen_attention(allow_untested=True) == "patched"
     assert "2026.11.1" in caplog.text
