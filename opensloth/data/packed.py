@@ -187,9 +187,9 @@ def _list_column(table, name: str, *, allow_bool: bool = False) -> _Column:
         first, last = int(offsets[0]), int(offsets[-1])
         np.subtract(offsets[:-1], first, out=starts[row : row + n], dtype=np.int64)
         np.subtract(offsets[1:], offsets[:-1], out=lengths[row : row + n], dtype=np.int64)
+        if n and lengths[row : row + n].min() < 0:
+            raise ValueError(f"column {name!r} has decreasing list offsets (a malformed arrow array)")
         if chunk.null_count:  # a null list counts as empty, whatever its offsets say
-            if n and lengths[row : row + n].min() < 0:
-                raise ValueError(f"column {name!r} has decreasing list offsets (a malformed arrow array)")
             lengths[row : row + n][chunk.is_null().to_numpy(zero_copy_only=False)] = 0
         used = chunk.values.slice(first, last - first)
         if len(used) != last - first:
@@ -203,8 +203,6 @@ def _list_column(table, name: str, *, allow_bool: bool = False) -> _Column:
         row += n
     if not sources:
         sources.append(np.zeros(0, dtype=vtype.to_pandas_dtype()))
-    if n_rows and lengths.min() < 0:
-        raise ValueError(f"column {name!r} has decreasing list offsets (a malformed arrow array)")
     return _Column(sources, chunk_of, starts, lengths, vtype)
 
 
@@ -462,20 +460,10 @@ def _empty(n: int, dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(pa.allocate_buffer(n * dtype.itemsize), dtype=dtype)
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, show: bool) -> Any:
-    if not show:
-        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="packing rows", unit="tok", unit_scale=True)
+    return tqdm(total=total, desc="packing rows", unit="tok", unit_scale=True, disable=not show)
 
 
 def _finish(table, source, stats: PackingStats):
