@@ -343,9 +343,12 @@ def _metadata_tensors(seg: Segments, metadata: Sequence[str], mask_dtype: torch.
         if "opensloth_varlen" in metadata:
             bound = max_seqlen if max_seqlen is not None else seg.width if layout == "rows" else longest
             if longest > bound:
+                pad_note = " (a row's padding tail is a segment too; leave max_seqlen None for rows)" \
+                    if layout == "rows" else ""
                 raise ValueError(
-                    f"a segment of {longest} tokens is longer than max_seqlen = {bound}; FlashAttention would leave "
-                    f"its tail uncomputed. Raise max_seqlen to at least {longest} (max_seq_length is the usual bound)"
+                    f"a segment of {longest} tokens is longer than max_seqlen = {bound}{pad_note}; FlashAttention "
+                    f"would leave its tail uncomputed. Raise max_seqlen to at least {longest} (max_seq_length is the "
+                    "usual bound)"
                 )
             # A separate tensor from cu_seq_lens_q: the trainer moves each key to the GPU on its own.
             out[VARLEN_CU_SEQLENS_KEY] = cu_t.clone() if "cu_seq_lens" in metadata else cu_t
