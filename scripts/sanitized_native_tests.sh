@@ -4,7 +4,7 @@
 # The sanitised build happens OUT OF TREE, in a temporary copy of the package, so the normal in-place build that
 # other processes use is never touched. The tests then run in that copy with OPENSLOTH_TEST_BACKENDS=native,
 # libasan preloaded (python itself is not instrumented), leak detection off (CPython keeps objects alive on
-# purpose), and every sanitizer report written to files that fail the run.
+# purpose), and the run's output kept in a log in which any sanitizer report fails the run.
 #
 # Usage: bash scripts/sanitized_native_tests.sh [extra pytest args]
 # Environment:
@@ -63,6 +63,7 @@ LIBASAN="$("$CXX_BIN" -print-file-name=libasan.so)"
 # libstdc++ after libasan: otherwise ASan aborts on the first C++ exception (CHECK failed ... real___cxa_throw),
 # and the tests that expect the module to raise cannot run.
 LIBSTDCXX="$("$CXX_BIN" -print-file-name=libstdc++.so)"
+[[ -f "$LIBSTDCXX" ]] || { say "libstdc++.so not found (compiler: $CXX_BIN)"; exit 1; }
 SYMBOLS="$(nm -D "$SO" 2>/dev/null || true)"
 if [[ "$SYMBOLS" != *__asan_init* || "$SYMBOLS" != *__ubsan_handle* ]]; then
   say "$SO is not instrumented with ASan and UBSan"
