@@ -28,7 +28,12 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from opensloth.data.shared import SHARED_CHAT_FILES, read_shared_chat, shared_data_dir  # noqa: E402
+from opensloth.data.shared import (  # noqa: E402
+    SHARED_CHAT_FILES,
+    chat_template_token_ids,
+    read_shared_chat,
+    shared_data_dir,
+)
 
 SHARED = shared_data_dir()
 
@@ -41,9 +46,7 @@ def tokenised_datasets(replicate_rows: int):
     rng = np.random.default_rng(0)
     out = {}
     for name in SHARED_CHAT_FILES:
-        records = read_shared_chat(name, SHARED / "chat")
-        texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in records]
-        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        ids = chat_template_token_ids(read_shared_chat(name, SHARED / "chat"), tok)
         labels = []
         for row in ids:
             cut = int(rng.integers(0, len(row)))

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._report import machine_header, markdown_table, write_section  # noqa: E402
 from opensloth.collate import PackedDataCollator  # noqa: E402
-from opensloth.data.shared import read_shared_chat, shared_data_dir  # noqa: E402
+from opensloth.data.shared import chat_template_token_ids, read_shared_chat, shared_data_dir  # noqa: E402
 from opensloth.masks import block_causal_mask  # noqa: E402
 from opensloth.packing import pack_lengths  # noqa: E402
 
@@ -46,9 +46,7 @@ def load_samples(seed: int = 0) -> tuple[list[list[int]], str]:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(tok_dir))
-        records = read_shared_chat("hh_rlhf", SHARED / "chat")
-        texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in records]
-        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        ids = chat_template_token_ids(read_shared_chat("hh_rlhf", SHARED / "chat"), tok)
         return [x[:CAPACITY] for x in ids], f"shared hh-rlhf ({len(ids)} chats, Qwen3 template)"
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(5.2, 0.7, size=2000).astype(int), 1, CAPACITY)

@@ -45,7 +45,12 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import peers  # noqa: E402
 from benchmarks._report import machine_header, markdown_table, package_versions, write_result  # noqa: E402
-from opensloth.data.shared import SHARED_CHAT_FILES, read_shared_chat, shared_data_dir  # noqa: E402
+from opensloth.data.shared import (  # noqa: E402
+    SHARED_CHAT_FILES,
+    chat_template_token_ids,
+    read_shared_chat,
+    shared_data_dir,
+)
 from opensloth.packing import available_backends, balance, pack_lengths, partition_padded  # noqa: E402
 
 SHARED = shared_data_dir()
@@ -106,10 +111,8 @@ def shared_lengths() -> dict[str, np.ndarray]:
     tok = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "qwen3"))
     out = {}
     for name in SHARED_CHAT_FILES:
-        records = read_shared_chat(name, SHARED / "chat")
-        texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in records]
-        out[name] = np.asarray([len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]],
-                               dtype=np.int64)
+        ids = chat_template_token_ids(read_shared_chat(name, SHARED / "chat"), tok)
+        out[name] = np.asarray([len(x) for x in ids], dtype=np.int64)
     tmp = LENGTHS_CACHE.with_suffix(f".{os.getpid()}.npz")
     np.savez(tmp, key=np.asarray(key), **out)
     os.replace(tmp, LENGTHS_CACHE)

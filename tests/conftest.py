@@ -13,7 +13,12 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 from hypothesis import settings  # noqa: E402
 
-from opensloth.data.shared import SHARED_CHAT_FILES, read_shared_chat, shared_data_dir  # noqa: E402
+from opensloth.data.shared import (  # noqa: E402
+    SHARED_CHAT_FILES,
+    chat_template_token_ids,
+    read_shared_chat,
+    shared_data_dir,
+)
 from opensloth.packing import BACKEND_NAMES, backend_error  # noqa: E402
 
 # HYPOTHESIS_PROFILE=ci explores more; =sanitize keeps the ASan/UBSan run short; the default suits development.
@@ -73,11 +78,7 @@ def chat_records(shared_data) -> dict[str, list[dict]]:
 @pytest.fixture(scope="session")
 def shared_token_ids(chat_records, qwen3_tokenizer) -> dict[str, list[list[int]]]:
     """Token ids of every shared record under the Qwen3 chat template: name -> list of id lists (no BOS)."""
-    out = {}
-    for name, records in chat_records.items():
-        texts = [qwen3_tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records]
-        out[name] = qwen3_tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return out
+    return {name: chat_template_token_ids(records, qwen3_tokenizer) for name, records in chat_records.items()}
 
 
 @pytest.fixture(scope="session")

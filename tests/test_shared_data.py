@@ -49,3 +49,14 @@ def test_read_chat_records_jsonl_json_and_bad_lines(tmp_path):
     broken.write_text(json.dumps(good[0]) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"broken.jsonl:2 is not valid JSON"):
         read_chat_records(broken)
+
+
+def test_chat_template_token_ids_match_the_training_tokenisation(chat_records, qwen3_tokenizer):
+    """The ids the tests and benchmarks measure are the ones the training pipeline feeds the model."""
+    from opensloth.data.chat import tokenize_chat_dataset
+    from opensloth.data.shared import chat_template_token_ids
+
+    records = chat_records["hh_rlhf"][:16] + chat_records["gsm8k"][:16]
+    ids = chat_template_token_ids(records, qwen3_tokenizer)
+    assert ids == [list(x) for x in tokenize_chat_dataset(records, qwen3_tokenizer)["input_ids"]]
+    assert qwen3_tokenizer.decode(ids[0]).startswith("<|im_start|>")

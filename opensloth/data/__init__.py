@@ -27,7 +27,10 @@ _EXPORTS = {
         "read_cache_metadata", "simple_cache_dataset_wrapper", "tokenizer_identity",
     ),
     "packed": ("PackingStats", "build_packed_dataset", "packing_stats"),
-    "shared": ("SHARED_CHAT_FILES", "read_chat_records", "read_shared_chat", "shared_chat_paths", "shared_data_dir"),
+    "shared": (
+        "SHARED_CHAT_FILES", "chat_template_token_ids", "read_chat_records", "read_shared_chat", "shared_chat_paths",
+        "shared_data_dir",
+    ),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -64,6 +64,13 @@ def read_chat_records(path: str | os.PathLike, *, progress: bool = False) -> lis
     return records
 
 
+def chat_template_token_ids(records: list[dict], tokenizer) -> list[list[int]]:
+    """Token ids of each record's ``messages`` rendered with the tokenizer's chat template (no special tokens added
+    on top of the template's own): the lengths the tests and benchmarks measure packing on."""
+    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 def read_shared_chat(name: str, chat_dir: str | os.PathLike | None = None) -> list[dict]:
     """All records of shared dataset ``name``, its files concatenated in order."""
     return [r for path in shared_chat_paths(name, chat_dir) for r in read_chat_records(path)]
