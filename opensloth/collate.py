@@ -18,7 +18,13 @@ an explicit ``rows=`` assignment), the samples of all features repacked into row
 :func:`opensloth.packing.pack_lengths`. Each row's trailing padding is a segment of its own (label -100, positions
 0, 1, 2, ...), so no real token attends to it.
 
-Metadata keys (``metadata=``; the default is ``DEFAULT_METADATA``):
+``layout="padded"`` gives one row per *sample* (the samples of packed rows split by ``seq_lengths``), right-padded
+to the longest sample (rounded up to ``pad_to_multiple_of``), with a 2-D ``attention_mask`` (1 = real token) and
+positions 0 .. L-1 in every row: the plain padded batch that every model and attention backend handles, and the
+fallback where a model cannot keep packed samples apart (`opensloth.wiring`). The samples of a step stay the same,
+so the loss is the same as packed; only the padding costs more.
+
+Metadata keys (``metadata=``; default ``DEFAULT_METADATA``, ``PADDED_METADATA`` for ``layout="padded"``):
 
 - ``"packed_seq_lengths"``: int32 CPU (S,), every segment of the flattened batch (padding segments included, so
   the sum is ``input_ids.numel()``; without padding these are exactly the sample lengths). Unsloth's key.
@@ -72,7 +78,7 @@ padding-free collator 14-16 ms in the same run); Python lists cost a list -> arr
 Function-level API for code that rebuilds batches (the trainer integration)::
 
     collate_samples(features, layout="flat" | "rows", capacity=None, pack=False, rows=None, pad_token_id=0,
-                    pad_to_multiple_of=None, metadata=DEFAULT_METADATA, mask_dtype=torch.bool,
+                    pad_to_multiple_of=None, metadata=None, mask_dtype=torch.bool,
                     ignore_index=-100, seq_lengths_key="seq_lengths", require_seq_lengths=False, backend=None,
                     max_seqlen=None)
 
@@ -84,7 +90,7 @@ holds ``rows[r]`` in that order. ``PackedDataCollator(**same options)`` is the c
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -96,6 +102,7 @@ __all__ = [
     "DEFAULT_METADATA",
     "LAYOUTS",
     "METADATA_KEYS",
+    "PADDED_METADATA",
     "UNSLOTH_VARLEN_METADATA",
     "VARLEN_CU_SEQLENS_KEY",
     "VARLEN_MAX_SEQLEN_KEY",
@@ -103,9 +110,10 @@ __all__ = [
     "collate_samples",
 ]
 
-LAYOUTS = ("flat", "rows")
+LAYOUTS = ("flat", "rows", "padded")
 METADATA_KEYS = ("packed_seq_lengths", "cu_seq_lens", "seq_idx", "attention_mask", "use_cache", "opensloth_varlen")
 DEFAULT_METADATA = ("packed_seq_lengths", "cu_seq_lens", "use_cache")
+PADDED_METADATA = ("use_cache",)  # the default of layout="padded": one sample per row needs no packing metadata
 UNSLOTH_VARLEN_METADATA = ("opensloth_varlen", "use_cache")
 VARLEN_CU_SEQLENS_KEY = "opensloth_cu_seqlens"
 VARLEN_MAX_SEQLEN_KEY = "opensloth_max_seqlen"
@@ -371,15 +379,18 @@ def _check_options(layout: str, capacity: Any, pack: bool, rows: Any, pad_to_mul
                         ("max_seqlen", max_seqlen)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0):
             raise ValueError(f"{name} = {value!r} must be a positive integer or None")
-    if layout == "flat" and (pack or rows is not None):
+    if layout != "rows" and (pack or rows is not None):
         raise ValueError("pack=True and rows= place samples into rows: use them with layout='rows'")
-    if layout == "flat" and capacity is not None:
-        raise ValueError("capacity is the row width of layout='rows'; the flat layout's length is the batch's total "
-                         "(use pad_to_multiple_of to round it)")
+    if layout != "rows" and capacity is not None:
+        raise ValueError(f"capacity is the row width of layout='rows'; the {layout} layout's length is the "
+                         f"{'batch total' if layout == 'flat' else 'longest sample'} (use pad_to_multiple_of to "
+                         f"round it)")
     if pack and rows is not None:
         raise ValueError("pass either pack=True (pack_lengths chooses the rows) or rows= (explicit rows), not both")
     if pack and capacity is None:
         raise ValueError("pack=True needs capacity (the row width to pack samples into)")
+    if metadata is None:
+        metadata = PADDED_METADATA if layout == "padded" else DEFAULT_METADATA
     if isinstance(metadata, str):
         metadata = (metadata,)
     metadata = tuple(metadata)
@@ -388,6 +399,11 @@ def _check_options(layout: str, capacity: Any, pack: bool, rows: Any, pad_to_mul
         raise ValueError(f"unknown metadata keys {unknown}; choose from {METADATA_KEYS}")
     if not isinstance(mask_dtype, torch.dtype) or not (mask_dtype == torch.bool or mask_dtype.is_floating_point):
         raise TypeError(f"mask_dtype must be torch.bool or a floating torch dtype, got {mask_dtype!r}")
+    if layout == "padded":
+        varlen = sorted(set(metadata) - {"use_cache"})
+        if varlen:
+            raise ValueError(f"layout='padded' puts one sample in each row and carries its own 2-D attention_mask; "
+                             f"the packing metadata {varlen} does not apply: use metadata=('use_cache',)")
     if max_seqlen is not None and "opensloth_varlen" not in metadata:
         raise ValueError(f"max_seqlen = {max_seqlen} is the bound reported as {VARLEN_MAX_SEQLEN_KEY}; add "
                          f"'opensloth_varlen' to metadata, or leave max_seqlen None")
@@ -404,7 +420,7 @@ def collate_samples(
     rows: Any = None,
     pad_token_id: int = 0,
     pad_to_multiple_of: int | None = None,
-    metadata: Sequence[str] = DEFAULT_METADATA,
+    metadata: Sequence[str] | None = None,
     mask_dtype: torch.dtype = torch.bool,
     ignore_index: int = -100,
     seq_lengths_key: str = "seq_lengths",
@@ -414,7 +430,8 @@ def collate_samples(
 ) -> dict[str, Any]:
     """Collate packed rows or unpacked samples into one batch (see the module docstring for the format).
 
-    ``layout="flat"``: (1, T), every sample end to end in input order. ``layout="rows"``: (P, L) with
+    ``layout="flat"``: (1, T), every sample end to end in input order. ``layout="padded"``: (S, L), one sample per
+    row, L the longest sample. ``layout="rows"``: (P, L) with
     L = ``capacity`` (default: the longest row, rounded up to ``pad_to_multiple_of``); rows are the features,
     or the samples repacked by ``pack_lengths(lengths, capacity)`` with ``pack=True`` (``backend`` picks the
     packing backend), or the explicit ``rows`` assignment. ``max_seqlen`` (with the ``"opensloth_varlen"``
@@ -432,6 +449,8 @@ def _collate(features, layout, capacity, pack, rows, pad_token_id, pad_to_multip
     g = _gather(features, seq_lengths_key, ignore_index, require_seq_lengths)
     n_samples = g.sample_lengths.shape[0]
     order = None
+    if layout == "padded":
+        return _collate_padded(g, pad_token_id, pad_to_multiple_of, metadata, ignore_index)
     if layout == "flat":
         row_ptr = np.array([0, n_samples], dtype=np.int64)
         width = _round_up(int(g.ids.shape[0]), pad_to_multiple_of)
@@ -469,6 +488,27 @@ def _collate(features, layout, capacity, pack, rows, pad_token_id, pad_to_multip
     return batch
 
 
+def _collate_padded(g: _Gathered, pad_token_id: int, pad_to_multiple_of: int | None, metadata: Sequence[str],
+                    ignore_index: int) -> dict[str, Any]:
+    n_samples = g.sample_lengths.shape[0]
+    width = _round_up(int(g.sample_lengths.max()), pad_to_multiple_of)
+    row_ptr = np.arange(n_samples + 1, dtype=np.int64)
+    grid_ids, grid_labels, _ = _assemble(g.ids, g.labels, g.sample_lengths, None, row_ptr, width,
+                                         pad_token_id=pad_token_id, ignore_index=ignore_index)
+    shape = (n_samples, width)
+    real = np.arange(width, dtype=np.int64)[None, :] < g.sample_lengths[:, None]
+    batch: dict[str, Any] = {
+        "input_ids": torch.from_numpy(grid_ids).reshape(shape),
+        "labels": torch.from_numpy(grid_labels).reshape(shape),
+        "attention_mask": torch.from_numpy(real.astype(np.int64)),
+        # Positions run on through the padding, so nothing reads the row as several packed sequences.
+        "position_ids": torch.arange(width, dtype=torch.int64).expand(shape).contiguous(),
+    }
+    if "use_cache" in metadata:
+        batch["use_cache"] = False
+    return batch
+
+
 @dataclass
 class PackedDataCollator:
     """Callable collator for HF/TRL Trainers: ``PackedDataCollator(pad_token_id=tok.pad_token_id)(features)``.
@@ -485,7 +525,7 @@ class PackedDataCollator:
     capacity: int | None = None
     pack: bool = False
     pad_to_multiple_of: int | None = None
-    metadata: Sequence[str] = field(default=DEFAULT_METADATA)
+    metadata: Sequence[str] | None = None
     mask_dtype: torch.dtype = torch.bool
     ignore_index: int = -100
     seq_lengths_key: str = "seq_lengths"

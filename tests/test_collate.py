@@ -109,6 +109,29 @@ def test_single_sample_batch():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Padded layout (the fallback for models that do not keep packed samples apart)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("multiple", [None, 8])
+def test_padded_one_sample_per_row_from_rows_and_samples(multiple):
+    samples = make_samples([5, 2, 7, 3], seed=3)
+    features = [packed_row(samples[:2]), samples[2], packed_row(samples[3:])]
+    batch = collate_samples(features, layout="padded", pad_to_multiple_of=multiple, pad_token_id=9)
+    width = 7 if multiple is None else 8
+    assert batch["input_ids"].shape == (4, width) and batch["use_cache"] is False
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "position_ids", "use_cache"}
+    for r, s in enumerate(samples):
+        ids, labels, _ = expected_row([s], width, pad_id=9)
+        n = len(s["input_ids"])
+        assert batch["input_ids"][r].tolist() == ids
+        assert batch["labels"][r].tolist() == labels
+        assert batch["attention_mask"][r].tolist() == [1] * n + [0] * (width - n)
+        assert batch["position_ids"][r].tolist() == list(range(width))  # no restart: one sequence per row
+    assert n_trained(batch["labels"]) == sum(n_trained(torch.tensor(s["labels"])) for s in samples)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Rows layout
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -245,6 +268,11 @@ def test_collator_class_matches_function_and_is_configurable():
         ([{"input_ids": [1, 2, 3]}], {"require_seq_lengths": True}, ValueError, "remove_unused_columns=False"),
         ([{"input_ids": [1, 2, 3]}], {"layout": "rows", "capacity": 4, "pack": True, "rows": [[0]]}, ValueError,
          "not both"),
+        ([{"input_ids": [1, 2, 3]}], {"layout": "padded", "metadata": ("packed_seq_lengths",)}, ValueError,
+         "packing metadata"),
+        ([{"input_ids": [1, 2, 3]}], {"layout": "padded", "capacity": 4, "metadata": ()}, ValueError,
+         "longest sample"),
+        ([{"input_ids": [1, 2, 3]}], {"layout": "padded", "pack": True, "metadata": ()}, ValueError, "layout='rows'"),
     ],
 )
 def test_bad_input_raises_clear_errors(features, options, exc, match):

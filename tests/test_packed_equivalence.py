@@ -72,6 +72,12 @@ def build(case: str, samples, impl: str):
     dense = case.endswith("dense")
     opts = {"metadata": ("attention_mask",), "mask_dtype": torch.bool if impl == "sdpa" else torch.float32} \
         if dense else {}
+    if case.startswith("padded"):
+        # one sample per row, in input order (the rows' samples in plan order for packed-row features)
+        features = samples if "samples" in case else packed_rows(samples, plan)
+        order = list(range(len(samples))) if "samples" in case else [i for b in plan.bins() for i in b]
+        batch = collate_samples(features, layout="padded", metadata=("use_cache",))
+        return batch, {i: (r, 0) for r, i in enumerate(order)}
     if case.startswith("flat"):
         features = samples if "samples" in case else packed_rows(samples, plan)
         order = list(range(len(samples))) if "samples" in case else [i for b in plan.bins() for i in b]
@@ -96,15 +102,15 @@ def build(case: str, samples, impl: str):
 
 
 CASES = ["flat-samples", "flat-rows", "flat-padded", "rows-features", "rows-repack",
-         "flat-samples-dense", "flat-padded-dense", "rows-repack-dense"]
+         "flat-samples-dense", "flat-padded-dense", "rows-repack-dense", "padded-samples", "padded-rows"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_packed_logits_and_loss_equal_unpacked(model, samples, reference, case):
     m, impl = model
     batch, placements = build(case, samples, impl)
-    assert ("attention_mask" in batch) == case.endswith("dense")
-    if case.startswith("rows"):
+    assert ("attention_mask" in batch) == (case.endswith("dense") or case.startswith("padded"))
+    if case.startswith(("rows", "padded")):
         assert batch["input_ids"].shape[0] > 1 and (batch["labels"] == IGNORE).any()
     with torch.no_grad():
         logits = m(**{k: v for k, v in batch.items() if k != "labels"}).logits
