@@ -203,10 +203,6 @@ def _load_unsloth(config: TrainConfig, name: str, local_rank: int, targets: list
             use_gradient_checkpointing=gc,
             random_state=config.seed,
         )
-    if config.packing != "none":
-        from opensloth.patching.unsloth_attention import enable_unsloth_varlen
-
-        enable_unsloth_varlen(model)  # the packed batches' attention: one FA2 varlen call per layer (make_collator)
     return model, _ensure_pad(tokenizer)
 
 
@@ -412,30 +408,17 @@ def _load_prepared(config: TrainConfig, tokenizer, packed: bool, info: dict):
 # ------------------------------------------------------------------------------------------------ trainer
 
 
-def make_collator(config: TrainConfig, tokenizer, backend: str):
-    """TRL's padded collator for 'none'; OpenSloth's packed collator otherwise.
+def wire_collator(config: TrainConfig, model, tokenizer, backend: str):
+    """The collator and attention setup for --packing on this backend (`opensloth.wiring.wire_batches`): Unsloth's
+    packed protocol on Unsloth, position_ids rows on transformers, padded rows for a model that does not keep packed
+    samples apart (checked, logged once)."""
+    from opensloth.wiring import wire_batches
 
-    On Unsloth the batches carry OpenSloth's varlen keys (FlashAttention-2 varlen inside Unsloth's compiled blocks,
-    see opensloth.patching.unsloth_attention): static (P, max_seq_length) rows for packed rows, one flat row for
-    padding-free samples. On the hf backend: the flat layout for padding-free samples and single rows, else
-    fixed-capacity rows, whose dense block-causal attention is then per row instead of over the whole micro-batch.
-    """
-    pad = tokenizer.pad_token_id
-    if config.packing == "none":
-        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-        return DataCollatorForLanguageModeling(pad_token_id=pad)
-    from opensloth.collate import UNSLOTH_VARLEN_METADATA, PackedDataCollator
-
-    if backend == "unsloth":
-        if config.packing == "padding_free":
-            return PackedDataCollator(pad_token_id=pad, layout="flat", metadata=UNSLOTH_VARLEN_METADATA,
-                                      max_seqlen=config.max_seq_length)
-        return PackedDataCollator(pad_token_id=pad, layout="rows", capacity=config.max_seq_length,
-                                  metadata=UNSLOTH_VARLEN_METADATA)
-    if config.packing == "padding_free" or config.per_device_batch_size == 1:
-        return PackedDataCollator(pad_token_id=pad, layout="flat")  # one packed row needs no padding to capacity
-    return PackedDataCollator(pad_token_id=pad, layout="rows", capacity=config.max_seq_length)
+    wiring = wire_batches(model, backend=backend, packing=config.packing, max_seq_length=config.max_seq_length,
+                          pad_token_id=tokenizer.pad_token_id, per_device_batch_size=config.per_device_batch_size)
+    if wiring.fallback is not None:
+        say(f"[opensloth] this model does not keep packed samples apart: training on padded rows ({wiring.fallback})")
+    return wiring
 
 
 def make_training_args(config: TrainConfig, world_size: int, backend: str):
@@ -481,7 +464,8 @@ def make_training_args(config: TrainConfig, world_size: int, backend: str):
     return SFTConfig(**kwargs)
 
 
-def build_trainer(config: TrainConfig, model, tokenizer, train_dataset, eval_dataset, training_args, backend: str):
+def build_trainer(config: TrainConfig, model, tokenizer, train_dataset, eval_dataset, training_args, backend: str,
+                  collator=None):
     from opensloth.patching.sft_trainer import sft_trainer_class
 
     trainer_cls = sft_trainer_class()
@@ -493,7 +477,7 @@ def build_trainer(config: TrainConfig, model, tokenizer, train_dataset, eval_dat
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=make_collator(config, tokenizer, backend),
+        data_collator=collator if collator is not None else wire_collator(config, model, tokenizer, backend).collator,
     )
     if config.packing == "balanced":
         from opensloth.patching.dataloader import use_balanced_sampler
@@ -656,12 +640,15 @@ def run(config: TrainConfig, sources: dict[str, str]) -> dict:
 
     training_args = make_training_args(config, world_size, backend)  # initialises the process group under torchrun
     model, tokenizer = load_model(config, backend, env.local_rank)
+    wiring = wire_collator(config, model, tokenizer, backend)
     train_dataset, eval_dataset, data_info = prepare_datasets(config, tokenizer, world_size)
+    data_info["batch_layout"] = wiring.layout
     say(f"[opensloth] data: {len(train_dataset)} training "
         f"{'rows' if config.packing in ('packed', 'balanced') else 'samples'}"
         + (f", {len(eval_dataset)} evaluation" if eval_dataset is not None else ", no evaluation"))
 
-    trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset, training_args, backend)
+    trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset, training_args, backend,
+                            wiring.collator)
     if config.debug_dataloader and is_main_process():
         write_debug_pages(trainer, train_dataset, config, world_size)
     resume = _resume_path(config, training_args.output_dir)

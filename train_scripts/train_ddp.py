@@ -5,9 +5,10 @@
 
 Every setting is a constant below (environment variables override the model, data and length). The data path is
 OpenSloth's: chat records -> assistant-only labels (opensloth.data.chat) -> rows of whole samples packed best-fit
-decreasing (opensloth.data.packed) -> static rows with per-sample positions and OpenSloth's varlen keys
-(opensloth.collate), whose attention runs as one FlashAttention-2 varlen call per layer inside Unsloth's compiled
-blocks (opensloth.patching.unsloth_attention). For every flag and mode, use train_configurable.py.
+decreasing (opensloth.data.packed) -> Unsloth's own packed batch format (opensloth.wiring: position_ids restarting
+per sample + packed_seq_lengths; Unsloth's FlashAttention-2 varlen branch switched on where torch < 2.12), checked
+once to keep packed samples apart (padded rows for a model that does not). Works for every text architecture
+Unsloth trains (Llama, Qwen2.5, Qwen3, Mistral, Gemma 2/3). For every flag and mode, use train_configurable.py.
 """
 
 import os
@@ -21,11 +22,10 @@ from unsloth import FastLanguageModel, is_bfloat16_supported  # noqa: E402  (fir
 # isort: split
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from opensloth.collate import UNSLOTH_VARLEN_METADATA, PackedDataCollator  # noqa: E402
 from opensloth.data.chat import tokenize_chat_dataset  # noqa: E402
 from opensloth.data.packed import build_packed_dataset  # noqa: E402
 from opensloth.patching.ddp_patch import ddp_patch, patch_optimize_sft_trainer_batch_samples  # noqa: E402
-from opensloth.patching.unsloth_attention import enable_unsloth_varlen  # noqa: E402
+from opensloth.wiring import wire_batches  # noqa: E402
 
 MODEL_NAME = os.environ.get("MODEL_NAME", "unsloth/Qwen3-0.6B-bnb-4bit")
 DATASET = os.environ.get("DATASET", "trl-lib/Capybara")  # a hub dataset, or a JSONL file of chat records
@@ -63,7 +63,9 @@ def main() -> None:
         use_gradient_checkpointing="unsloth",
         random_state=42,
     )
-    enable_unsloth_varlen(model)  # packed rows attend within their samples only, through FA2 varlen
+    # Packed rows in Unsloth's own format; checks that the model keeps the packed samples apart.
+    wiring = wire_batches(model, backend="unsloth", packing="packed", max_seq_length=MAX_SEQ_LENGTH,
+                          pad_token_id=tokenizer.pad_token_id)
 
     # Every rank prepares the same rows (deterministic); train_configurable.py builds them once on rank 0 instead.
     samples = tokenize_chat_dataset(load_records(), tokenizer, max_seq_length=MAX_SEQ_LENGTH)
@@ -90,9 +92,7 @@ def main() -> None:
         args=args,
         train_dataset=rows,
         processing_class=tokenizer,
-        # Static rows whose attention runs as one FlashAttention-2 varlen call per layer (enable_unsloth_varlen).
-        data_collator=PackedDataCollator(pad_token_id=tokenizer.pad_token_id, layout="rows",
-                                         capacity=MAX_SEQ_LENGTH, metadata=UNSLOTH_VARLEN_METADATA),
+        data_collator=wiring.collator,
     )
     trainer.train()
 

@@ -1,0 +1,166 @@
+"""One call that turns (backend, packing mode, max_seq_length) into the collator and the attention setup.
+
+`wire_batches` is what the training scripts, the examples and the GPU benchmark call; nothing else assembles the
+collator for a training run.
+
+- ``packing="none"``: TRL's padded collator (one sample per row, padded to the micro-batch's longest).
+- Unsloth (``backend="unsloth"``), every other mode: Unsloth's own packed protocol, the one its attention reads for
+  every architecture it supports: one flat (1, T) row per micro-batch with ``position_ids`` restarting per sample
+  and ``packed_seq_lengths`` (`opensloth.collate` ``layout="flat"``, `UNSLOTH_METADATA`). On torch < 2.12 Unsloth's
+  own FlashAttention-2 varlen branch is switched on (`opensloth.patching.unsloth_varlen`), so attention is one
+  varlen call per layer there too, as on the torch that ``pip install unsloth`` brings.
+- transformers + peft (``backend="hf"``): the flat layout for padding-free samples and one-row micro-batches, else
+  fixed-capacity rows (transformers builds the block-causal mask from ``position_ids``: per row, not over the whole
+  micro-batch).
+
+Then the model is asked whether it keeps packed samples apart (`opensloth.attention_check`: three tiny forwards
+through this very collator). If it does not (Unsloth runs Gemma 2's softcapped attention without packing support
+unless flash-attn is installed, for one), the run switches to ``layout="padded"``: every sample its own row, the
+same samples per step and the same loss, more padding; a warning says so once. Under torchrun every rank checks and
+the ranks agree on the outcome (the most cautious wins), so all ranks collate alike.
+
+A forward pre-hook then keeps watching: a labelled flat micro-batch that reaches the model without the keys the
+collator sent (a trainer or wrapper dropped them) raises `PackedBatchError` instead of training on leaked attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from opensloth.attention_check import PackedAttentionCheck, check_packed_attention
+from opensloth.distributed import logger
+
+__all__ = ["PACKING_MODES", "UNSLOTH_METADATA", "BatchWiring", "PackedBatchError", "wire_batches"]
+
+PACKING_MODES = ("none", "padding_free", "packed", "balanced")
+UNSLOTH_METADATA = ("packed_seq_lengths", "use_cache")
+_HOOK_ATTR = "_opensloth_batch_keys_hook"
+
+
+class PackedBatchError(RuntimeError):
+    """A packed micro-batch reached the model without the boundary keys its collator sent."""
+
+
+@dataclass(frozen=True)
+class BatchWiring:
+    """What `wire_batches` chose. ``layout``: ``"trl_padded"``, ``"flat"``, ``"rows"`` or ``"padded"``.
+    ``check``: the packed-attention check (None when not run). ``varlen``: the outcome of Unsloth's varlen switch
+    (None off Unsloth). ``fallback``: why packing fell back to padded rows, or None."""
+
+    collator: Callable[..., Mapping[str, Any]]
+    layout: str
+    check: PackedAttentionCheck | None = None
+    varlen: str | None = None
+    fallback: str | None = None
+
+    @property
+    def packed(self) -> bool:
+        return self.layout in ("flat", "rows")
+
+
+def _model_name(model: Any) -> str:
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # under PEFT
+    config = getattr(base, "config", None)
+    return f"{type(base).__name__} ({getattr(config, 'model_type', '?')})"
+
+
+def _agree(honoured: bool) -> bool:
+    """All ranks take the packed path only if every rank's check passed (collators must match across ranks)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return honoured
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    flag = torch.tensor([1 if honoured else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _watch_batch_keys(model: Any, required: tuple[str, ...]) -> None:
+    """Raise when a labelled flat micro-batch arrives without ``required`` keys (dropped on the way)."""
+    previous = model.__dict__.pop(_HOOK_ATTR, None)
+    if previous is not None:
+        previous.remove()
+
+    def pre_hook(module, args, kwargs):
+        if kwargs.get("labels") is None:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if getattr(ids, "dim", lambda: 0)() != 2 or ids.shape[0] != 1:
+            return None
+        missing = [key for key in required if kwargs.get(key) is None]
+        if missing:
+            raise PackedBatchError(
+                f"a packed micro-batch reached {type(module).__name__} without {missing}: the collator sent them, "
+                f"something between it and the model dropped them, and the packed samples would attend to each "
+                f"other. Keep remove_unused_columns=False and pass the collator's whole batch to the model"
+            )
+        return None
+
+    model.__dict__[_HOOK_ATTR] = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+def _packed_collator(backend: str, packing: str, max_seq_length: int, pad_token_id: int,
+                     per_device_batch_size: int):
+    from opensloth.collate import PackedDataCollator
+
+    if backend == "unsloth":
+        return PackedDataCollator(pad_token_id=pad_token_id, layout="flat", metadata=UNSLOTH_METADATA), "flat"
+    if packing == "padding_free" or per_device_batch_size == 1:
+        return PackedDataCollator(pad_token_id=pad_token_id, layout="flat"), "flat"
+    return PackedDataCollator(pad_token_id=pad_token_id, layout="rows", capacity=max_seq_length), "rows"
+
+
+def wire_batches(model: Any, *, backend: str, packing: str, max_seq_length: int, pad_token_id: int,
+                 per_device_batch_size: int = 1, check: bool = True) -> BatchWiring:
+    """Choose the collator (and switch on Unsloth's varlen branch) for ``packing`` on ``backend``; check that
+    ``model`` keeps packed samples apart and fall back to padded rows when it does not (module docstring).
+
+    ``backend``: ``"unsloth"`` or ``"hf"``. ``packing``: one of `PACKING_MODES`. ``check=False`` skips the
+    packed-attention check (and trusts the metadata). Raises ValueError for an unknown backend or mode.
+    """
+    if backend not in ("unsloth", "hf"):
+        raise ValueError(f"backend = {backend!r}; choose 'unsloth' or 'hf'")
+    if packing not in PACKING_MODES:
+        raise ValueError(f"packing = {packing!r}; choose one of {PACKING_MODES}")
+    if not (isinstance(max_seq_length, int) and max_seq_length > 0):
+        raise ValueError(f"max_seq_length = {max_seq_length!r} must be a positive int")
+    if packing == "none":
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        return BatchWiring(DataCollatorForLanguageModeling(pad_token_id=pad_token_id), "trl_padded")
+    varlen = None
+    if backend == "unsloth":
+        from opensloth.patching.unsloth_varlen import switch_on_unsloth_varlen
+
+        varlen = switch_on_unsloth_varlen()
+    collator, layout = _packed_collator(backend, packing, max_seq_length, pad_token_id, per_device_batch_size)
+    result = None
+    honoured = True
+    if check:
+        result = check_packed_attention(model, collator)
+        honoured = result.honoured
+        if not result.conclusive:
+            logger.warning("packed attention of %s could not be verified: %s; training packed anyway",
+                           _model_name(model), result.describe())
+    if not _agree(honoured):
+        from opensloth.collate import PackedDataCollator
+
+        reason = (f"{_model_name(model)} on {backend} " + (result.describe() if result is not None and not honoured
+                                                            else "(another rank's check failed)"))
+        logger.warning("%s. Training this model on padded rows instead: every sample its own row, the same samples "
+                       "and loss per step, more padding (slower). Packed attention for it needs a backend that reads "
+                       "the packing metadata (e.g. flash-attn with softcapping for Gemma 2 on Unsloth)", reason)
+        return BatchWiring(PackedDataCollator(pad_token_id=pad_token_id, layout="padded"),
+                           "padded", result, varlen, reason)
+    if result is not None:
+        logger.info("packed attention of %s: %s", _model_name(model), result.describe())
+    if layout == "flat":
+        required = ("position_ids",) + (("packed_seq_lengths",) if backend == "unsloth" else ())
+        _watch_batch_keys(model, required)
+    return BatchWiring(collator, layout, result, varlen)
