@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/bench_train_gpu.py's multi-process path on the CPU: torchrun, gloo, 2 ranks (issue 8)."""
+"""benchmarks/bench_train_gpu.py on the CPU: the torchrun path (2 ranks, gloo), the FLOPs count behind its MFU
+column, and the speed-up columns of its table."""
 
 from __future__ import annotations
 
@@ -9,49 +10,77 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    import benchmarks.bench_train_gpu as bench
+
+    return bench
+
+
 @pytest.mark.integration
 def test_bench_runs_under_torchrun_with_two_ranks(shared_data, tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train_gpu.py"), "--tiny", "--backend", "hf",
-           "--nproc", "2", "--scaling", "global", "--variants", "opensloth_rows", "--warmup_steps", "1",
-           "--steps", "1", "--num_samples", "64", "--eval_samples", "4", "--work_dir", str(tmp_path),
-           "--data_dir", str(shared_data / "chat"), "--tokenizer", str(shared_data / "tokenizers" / "qwen3"),
-           "--timeout", "300"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train_gpu.py"), "--shapes", "cpu_tiny", "--backend", "hf",
+           "--nproc", "2", "--micro_rows", "2", "--warmup_steps", "1", "--steps", "1", "--num_samples", "64",
+           "--eval_samples", "4", "--work_dir", str(tmp_path), "--data_dir", str(shared_data / "chat"),
+           "--tokenizer", str(shared_data / "tokenizers" / "qwen3"), "--timeout", "300"]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (result,) = json.loads((tmp_path / "runs" / "results.json").read_text())
-    assert result["world"] == 2 and result["steps"] == 2
-    # --scaling global: 4 rows per step split over 2 ranks, 2 rows of 256 slots each, one timed step.
-    assert result["batch"] == 2 and result["slots"] == 2 * 2 * 256
+    assert result["world"] == 2 and result["steps"] == 2 and result["layout"] == "rows"
+    # 2 rows of 256 slots per rank and micro-batch, one timed step, two ranks
+    assert result["slots"] == 2 * 2 * 256
     assert 0.5 * result["slots"] < result["real_tokens"] <= result["slots"]
-    assert result["tokens_per_s"] > 0 and result["step_max_over_mean"] >= 1.0
-    assert "| opensloth_rows | 2 rows x 1 |" in proc.stdout
+    assert result["tokens_per_s"] > 0 and result["eval_loss"] > 0
+    assert "| cpu_tiny | hf_opensloth | rows | 2 rows x 1 |" in proc.stdout
 
 
-def _fake_result(variant: str, tokens_per_s: float) -> dict:
-    return {"variant": variant, "batch": 8, "accum": 1, "tokens_per_s": tokens_per_s, "wasted": 0.0, "peak_gb": 1.0,
-            "warmup": 1, "timed_steps": 2, "steps": 3, "real_tokens": 100, "step_s_mean": 0.5, "loss_end": 1.0,
-            "eval_loss": 1.0, "graphs_during_timed": 0}
+@pytest.mark.parametrize("shape", ["qwen3_0.6b", "llama31_8b", "small_gemma2"])
+def test_matmul_params_count_every_linear_weight(bench, shape):
+    """The FLOPs count's weights equal a walk over the model's Linear layers (built on the meta device)."""
+    import transformers
+
+    family, params = bench.SHAPES[shape]
+    config_cls, model_cls = bench.FAMILIES[family]
+    config = getattr(transformers, config_cls)(**params)
+    with torch.device("meta"):
+        model = getattr(transformers, model_cls)(config)
+    walked = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert bench.matmul_params(config) == walked
+    if shape == "qwen3_0.6b":  # 28 blocks of 15.7M + the 155.6M LM head
+        assert bench.matmul_params(config) == 28 * 15_728_640 + 151_936 * 1024
 
 
-def test_combined_table_compares_each_run_with_its_own_packing_run(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT))
-    from benchmarks.bench_train_gpu import BenchConfig, write_markdown
+def test_flops_per_token_adds_lora_and_causal_attention(bench):
+    import transformers
 
-    cfg = BenchConfig(variants=[], model_dir="", tokenizer_dir="", data_dir="", work_dir="", out_dir="")
-    runs = [(cfg, [_fake_result("opensloth_rows", 800.0)], "- header 1"),
-            (cfg, [_fake_result("unsloth_packing", 100.0), _fake_result("opensloth_rows", 700.0)], "- header 2"),
-            (cfg, [_fake_result("unsloth_packing", 200.0), _fake_result("opensloth_flat", 500.0)], "- header 3")]
-    out = tmp_path / "gpu.md"
-    write_markdown(runs, [out])
-    combined = out.read_text().split("## Run 1")[0]
-    # run 1 has no packing=True run: it falls back to run 2's; runs 2 and 3 use their own
-    assert "| opensloth_rows (run 1) | 8 rows x 1 | 800 | 8.00x |" in combined
-    assert "| opensloth_rows (run 2) | 8 rows x 1 | 700 | 7.00x |" in combined
-    assert "| opensloth_flat (run 3) | 8 rows x 1 | 500 | 2.50x |" in combined
-    assert "| unsloth_packing (run 3) | 8 rows x 1 | 200 | 1.00x |" in combined
-    assert combined.count("| unsloth_packing") == 2
+    config = transformers.Qwen3Config(**bench.SHAPES["qwen3_0.6b"][1])
+    base = bench.flops_per_token(config, 0.0, 0)
+    assert base == 4 * bench.matmul_params(config)
+    # one causal pair per token costs 4 x layers x heads x head_dim forward, x3 with the backward
+    assert bench.flops_per_token(config, 1.0, 0) - base == 12 * 28 * 16 * 128
+    assert bench.flops_per_token(config, 0.0, 1000) - base == 6000
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and bench.peak_tflops("NVIDIA H200") == 989.0
+    assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0 and bench.peak_tflops("Tesla T4") is None
+
+
+def _result(shape, variant, tokens_per_s):
+    return {"shape": shape, "variant": variant, "layout": "flat", "batch": 8, "accum": 1, "tokens_per_s": tokens_per_s,
+            "wasted": 0.0, "peak_gb": 1.0, "warmup": 1, "timed_steps": 2, "loss_end": 1.0, "eval_loss": 1.0,
+            "mfu": 0.25}
+
+
+def test_table_compares_with_the_same_shapes_anchors(bench):
+    table = bench.results_table([
+        _result("a", "unsloth_packing", 100.0), _result("a", "unsloth_auto", 50.0), _result("a", "opensloth", 110.0),
+        _result("b", "unsloth_packing", 200.0), _result("b", "opensloth", 180.0),
+        {"shape": "b", "variant": "opensloth_padding_free", "error": "rc 1"}])
+    assert "| a | opensloth | flat | 8 rows x 1 | 110 | 1.100x | 2.200x | 25.0% |" in table
+    assert "| b | opensloth | flat | 8 rows x 1 | 180 | 0.900x | - |" in table
+    assert "| b | opensloth_padding_free | failed: rc 1 |" in table
