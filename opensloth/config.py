@@ -16,16 +16,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "ATTN_IMPLEMENTATIONS",
     "BACKENDS",
     "GRADIENT_CHECKPOINTING",
     "INTERVAL_STRATEGIES",
     "PACKING_MODES",
+    "REPORT_TO",
     "TrainConfig",
     "build_parser",
     "resolve_config",
 ]
 
 BACKENDS = ("auto", "unsloth", "hf")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+# The Trainer integrations (transformers 5.17 `report_to` names) and the package each needs.
+REPORT_TO = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+             "clearml": "clearml", "dvclive": "dvclive", "neptune": "neptune", "swanlab": "swanlab",
+             "trackio": "trackio", "azure_ml": "azureml", "codecarbon": "codecarbon", "none": None}
 PACKING_MODES = ("none", "padding_free", "packed", "balanced")
 INTERVAL_STRATEGIES = ("no", "steps", "epoch")
 GRADIENT_CHECKPOINTING = ("auto", "on", "off")
@@ -66,8 +73,9 @@ class TrainConfig:
     gradient_checkpointing: str = _f("auto", "activation checkpointing: 'auto' = Unsloth's offloaded checkpointing "
                                      "(use_gradient_checkpointing='unsloth') on the unsloth backend, off on hf; "
                                      "'on' or 'off' to choose", choices=GRADIENT_CHECKPOINTING, group="model")
-    attn_implementation: str = _f("sdpa", "attention kernel for the hf backend (sdpa, eager, flash_attention_2, "
-                                  "flex_attention); Unsloth picks its own", group="model")
+    attn_implementation: str = _f("sdpa", "attention kernel for the hf backend; flash_attention_2 needs the "
+                                  "flash-attn package and a GPU, flex_attention a GPU; Unsloth picks its own",
+                                  choices=ATTN_IMPLEMENTATIONS, group="model")
 
     # data
     dataset: str | None = _f(None, f"training data: a JSONL/JSON file of chat records, a save_to_disk folder, a "
@@ -126,7 +134,8 @@ class TrainConfig:
     eval_steps: int | None = _f(None, "evaluate every N steps (with --eval_strategy steps; default --save_steps)",
                                 group="run")
     logging_steps: int = _f(1, "log the loss and the per-step figures every N optimizer steps", group="run")
-    report_to: str = _f("tensorboard", "where the Trainer reports (tensorboard, none, wandb, ...)", group="run")
+    report_to: str = _f("tensorboard", "where the Trainer reports: " + ", ".join(REPORT_TO) + " (the integration's "
+                        "package must be installed), or several separated by commas", group="run")
     debug_dataloader: int = _f(0, "write HTML previews of the first N training batches (trained, masked and padding "
                                "tokens, packed-sample boundaries; opensloth._debug_dataloader) to .log/ before "
                                "training (0: off)", group="run")
@@ -147,9 +156,12 @@ class TrainConfig:
     def resolved_output_dir(self, world_size: int) -> str:
         return self.output_dir or os.path.join("outputs", self.run_name(world_size))
 
-    def problems(self) -> list[tuple[str, str]]:
-        """Invalid values as (flag, message) pairs; empty when the configuration is usable."""
+    def problems(self, sources: dict[str, str] | None = None) -> list[tuple[str, str]]:
+        """Invalid values as (flag, message) pairs; empty when the configuration is usable. ``sources`` (from
+        `resolve_config`) tells which values the command line gave, for combinations that only a given flag makes
+        wrong."""
         out: list[tuple[str, str]] = []
+        given = {k for k, v in (sources or {}).items() if v == "flag"}
 
         def need(cond: bool, name: str, message: str) -> None:
             if not cond:
@@ -192,12 +204,49 @@ class TrainConfig:
                                                     f"(give a path such as outputs/<run>/checkpoint-100, or 'latest')"))
         if self.use_patches_given and self.no_patches:
             out.append(("--no_patches", "contradicts --use_patches; give one of them"))
+        bad_targets = [t for t in (t.strip() for t in self.lora_targets.split(",")) if t and not t.isidentifier()]
+        need(not bad_targets, "lora_targets", f"{bad_targets} are not module names (comma-separated names such as "
+                                              f"q_proj,k_proj,v_proj,o_proj)")
+        out += _report_to_problems(self.report_to)
+        if self.attn_implementation == "flash_attention_2":
+            import importlib.util
+
+            need(importlib.util.find_spec("flash_attn") is not None, "attn_implementation",
+                 "flash_attention_2 needs the flash-attn package, which is not installed; use sdpa (PyTorch's own "
+                 "kernels, FlashAttention included on GPUs) or install flash-attn")
+        if self.eval_strategy != "no" and self.test_samples == 0 and {"eval_strategy", "eval_steps"} & given:
+            out.append(("--eval_strategy", f"{self.eval_strategy} needs evaluation data, but --test_samples is 0; "
+                                           f"give --test_samples N, or --eval_strategy no"))
+        if "eval_steps" in given and self.eval_strategy != "steps":
+            out.append(("--eval_steps", f"only applies with --eval_strategy steps (it is {self.eval_strategy})"))
+        if "save_steps" in given and self.save_strategy != "steps":
+            out.append(("--save_steps", f"only applies with --save_strategy steps (it is {self.save_strategy})"))
         return out
 
     use_patches_given: bool = field(default=False, repr=False, metadata={"internal": True})
 
 
 _INTERNAL = {"use_patches_given"}
+
+
+def _report_to_problems(report_to: str) -> list[tuple[str, str]]:
+    import importlib.util
+
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    if not names:
+        return [("--report_to", "is empty; give none, tensorboard, or another integration")]
+    out = []
+    for name in names:
+        if name not in REPORT_TO:
+            close = [k for k in REPORT_TO if k[:3] == name[:3]]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            out.append(("--report_to", f"{name!r} is not an integration{hint}; choose from {', '.join(REPORT_TO)}"))
+        elif REPORT_TO[name] and importlib.util.find_spec(REPORT_TO[name]) is None:
+            out.append(("--report_to", f"{name} needs the {REPORT_TO[name]} package, which is not installed "
+                                       f"(python -m pip install {REPORT_TO[name]}), or use --report_to none"))
+    if "none" in names and len(names) > 1:
+        out.append(("--report_to", "none cannot be combined with other integrations"))
+    return out
 
 
 def _fields() -> list[dataclasses.Field]:
@@ -215,9 +264,10 @@ def _type_of(f: dataclasses.Field):
 
 def build_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """The argparse parser for `TrainConfig` (defaults are applied by `resolve_config`, not by argparse)."""
+    # allow_abbrev=False: an abbreviation must never stand for another flag (--lr is not --lr_scheduler_type).
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
+                                     argument_default=argparse.SUPPRESS, allow_abbrev=False)
     groups: dict[str, Any] = {}
     for f in _fields():
         meta = f.metadata

@@ -65,11 +65,63 @@ def _error(cli, capsys, argv) -> str:
     (["--use_patches", "--no_patches"], "--no_patches"),
     (["--experiment_name", "a/b"], "--experiment_name"),
     (["--debug_dataloader", "-1"], "--debug_dataloader"),
+    (["--report_to", "tensorbord"], "--report_to"),
+    (["--report_to", "none,tensorboard"], "--report_to"),
+    (["--lora_targets", "q-proj"], "--lora_targets"),
+    (["--attn_implementation", "flash_attn"], "--attn_implementation"),
+    (["--eval_strategy", "steps", "--test_samples", "0"], "--eval_strategy"),
+    (["--eval_steps", "5"], "--eval_steps"),
+    (["--save_steps", "5"], "--save_steps"),
 ])
 def test_bad_flags_are_argparse_errors_naming_the_flag(cli, capsys, argv, flag):
     err = _error(cli, capsys, argv)
     assert f"argument {flag}" in err
     assert "usage:" in err
+
+
+@pytest.mark.parametrize("argv", [["--lr", "1e-3"], ["--per_device", "2"], ["--max_seq", "128"]])
+def test_abbreviations_are_not_flags(cli, capsys, argv):
+    """argparse's prefix matching would take --lr for --lr_scheduler_type; every flag must be spelled out."""
+    err = _error(cli, capsys, argv)
+    assert f"unrecognized arguments: {argv[0]}" in err
+
+
+def test_an_integration_whose_package_is_missing_says_how_to_install_it(cli, capsys, monkeypatch):
+    import importlib.util as util
+
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    err = _error(cli, capsys, ["--report_to", "wandb"])
+    assert "argument --report_to: wandb needs the wandb package" in err and "pip install wandb" in err
+
+
+def test_flash_attention_2_without_the_package_is_an_argparse_error(cli, capsys, monkeypatch):
+    import importlib.util as util
+
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    err = _error(cli, capsys, ["--attn_implementation", "flash_attention_2"])
+    assert "argument --attn_implementation: flash_attention_2 needs the flash-attn package" in err
+
+
+def test_gpu_only_attention_on_a_cpu_stops_before_loading(cli):
+    config, _ = cli.parse_args(["--attn_implementation", "eager"])
+    cli.check_attention_backend(config, "hf")  # fine anywhere
+    config, _ = cli.parse_args(["--attn_implementation", "flex_attention"])
+    if cli._cuda_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(cli.RunError, match="flex_attention needs a CUDA GPU"):
+        cli.check_attention_backend(config, "hf")
+
+
+def test_lora_targets_are_checked_against_the_model(cli):
+    from tests._models import tiny_qwen3
+
+    model = tiny_qwen3()
+    cli.check_lora_targets(model, ["q_proj", "down_proj"], 8)
+    cli.check_lora_targets(model, ["nothing"], 0)  # full fine-tuning: no adapters, nothing to check
+    with pytest.raises(cli.RunError, match=r"q_prj is not a layer of Qwen3ForCausalLM; .*k_proj.*q_proj"):
+        cli.check_lora_targets(model, ["q_prj", "k_proj"], 8)
 
 
 def test_several_problems_are_all_reported(cli, capsys):

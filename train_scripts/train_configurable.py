@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str, st
     parser = build_parser(prog="train_configurable.py", description=__doc__)
     namespace = parser.parse_args(argv)
     config, sources = resolve_config(namespace)
-    problems = config.problems()
+    problems = config.problems(sources)
     if config.preset is not None and sources.get("model_name") == "flag":
         problems.insert(0, ("--model_name", f"conflicts with --preset {config.preset}, which builds its own model; "
                                             f"give one of them"))
@@ -149,8 +149,30 @@ def batch_size_guidance(config: TrainConfig, world_size: int, backend: str) -> s
 # ------------------------------------------------------------------------------------------------ model
 
 
+def check_attention_backend(config: TrainConfig, backend: str) -> None:
+    """--attn_implementation choices that cannot train on this machine fail now, not mid-training."""
+    if backend != "hf" or _cuda_available():
+        return
+    if config.attn_implementation in ("flash_attention_2", "flex_attention"):
+        raise RunError(f"--attn_implementation {config.attn_implementation} needs a CUDA GPU (on a CPU its backward "
+                       f"is not supported); use sdpa or eager here")
+
+
+def check_lora_targets(model, targets: list[str], lora_r: int) -> None:
+    """Every --lora_targets name must be a layer of the model: say which are not, and what there is."""
+    if lora_r == 0:
+        return
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if getattr(getattr(module, "weight", None), "dim", lambda: 0)() == 2 and not list(module.children())}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise RunError(f"--lora_targets: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not a layer of "
+                       f"{type(model).__name__}; its weight layers are named {', '.join(sorted(names))}")
+
+
 def load_model(config: TrainConfig, backend: str, local_rank: int):
     """(model, tokenizer) with LoRA adapters (or all weights trainable when --lora_r 0)."""
+    check_attention_backend(config, backend)
     targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
     if config.preset is not None:
         from opensloth.presets import get_preset
@@ -193,6 +215,7 @@ def _load_unsloth(config: TrainConfig, name: str, local_rank: int, targets: list
     except OSError as exc:
         raise RunError(f"{_hub_hint(name)} ({exc})") from exc
     if not full:
+        check_lora_targets(model, targets, config.lora_r)
         gc = {"auto": "unsloth", "on": "unsloth", "off": False}[config.gradient_checkpointing]
         model = FastLanguageModel.get_peft_model(
             model,
@@ -229,6 +252,7 @@ def _load_hf(config: TrainConfig, targets: list[str]):
 def _add_peft(config: TrainConfig, model, targets: list[str]):
     if config.lora_r == 0:
         return model
+    check_lora_targets(model, targets, config.lora_r)
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
