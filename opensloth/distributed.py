@@ -60,10 +60,25 @@ def read_dist_env(env=None) -> DistEnv:
     """
     env = os.environ if env is None else env
     names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-    launched = any(env.get(n) not in (None, "") for n in names)
+    given = {n: env.get(n) for n in names if env.get(n) not in (None, "")}
+    launched = bool(given)
     world_size = _int_var(env, "WORLD_SIZE", 1)
     rank = _int_var(env, "RANK", 0)
     local_rank = _int_var(env, "LOCAL_RANK", rank if world_size == 1 else 0)
+    # Name what the user set: a stray variable in a plain `python` run, not a torchrun launch.
+    if "WORLD_SIZE" not in given and (rank > 0 or local_rank > 0):
+        stray = ", ".join(f"{n}={given[n]}" for n in ("RANK", "LOCAL_RANK") if n in given)
+        raise DistributedEnvironmentError(
+            f"{stray} is set but WORLD_SIZE is not: a single process is rank 0. Launch with "
+            f"`torchrun --nproc_per_node=N script.py` (it sets all four variables), or unset "
+            f"{' and '.join(n for n in ('RANK', 'LOCAL_RANK') if n in given)}"
+        )
+    if world_size > 1 and not {"RANK", "LOCAL_RANK"} & set(given):
+        raise DistributedEnvironmentError(
+            f"WORLD_SIZE={world_size} is set but RANK and LOCAL_RANK are not: a plain `python` run would wait forever "
+            f"for {world_size - 1} other process(es). Launch with `torchrun --nproc_per_node={world_size} script.py`, "
+            f"or unset WORLD_SIZE"
+        )
     if world_size < 1:
         raise DistributedEnvironmentError(f"WORLD_SIZE={world_size} must be at least 1")
     if rank >= world_size:
