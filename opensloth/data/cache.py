@@ -428,8 +428,15 @@ class _BuildLock:
             import fcntl
         except ImportError:  # pragma: no cover - non-POSIX
             return self
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.lock_path, "a+")  # noqa: SIM115 - held for the lock's lifetime
+        try:
+            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(self.lock_path, "a+")  # noqa: SIM115 - held for the lock's lifetime
+        except OSError as exc:
+            raise CacheBuildError(
+                f"cannot build the dataset cache: creating its lock {self.lock_path} failed ({exc}). The folder must "
+                f"be writable to build a cache there; give a writable cache folder (--cache_dir), or build the cache "
+                f"once where it is writable"
+            ) from exc
         start = time.monotonic()
         logged = start
         while True:
@@ -456,6 +463,28 @@ class _BuildLock:
             fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
             self.fh.close()
             self.fh = None
+
+
+def _bounded_barrier(config: CacheConfig, rank: int, what: str) -> None:
+    """A process-group barrier that logs while it waits and gives up after ``config.timeout_seconds`` with a message
+    (a plain barrier waits for the process group's own timeout, up to 30 minutes, with only c10d warnings)."""
+    import torch.distributed as dist
+
+    work = dist.barrier(async_op=True)
+    start = last_log = time.monotonic()
+    while not work.is_completed():
+        elapsed = time.monotonic() - start
+        if elapsed > config.timeout_seconds:
+            raise TimeoutError(
+                f"rank {rank} waited {elapsed:.0f}s (timeout_seconds={config.timeout_seconds:g}) for {what}; a rank "
+                f"did not arrive: it may have crashed (see its log) or still be working (raise the timeout)"
+            )
+        if time.monotonic() - last_log >= config.log_interval:
+            log_all_ranks(logging.INFO, f"still waiting for {what} ({elapsed:.0f}s elapsed, timeout "
+                                        f"{config.timeout_seconds:g}s)")
+            last_log = time.monotonic()
+        time.sleep(min(config.poll_interval, 0.05))
+    work.wait()
 
 
 def _remove_debris(path: Path) -> None:
@@ -525,8 +554,12 @@ def rank_zero_build_and_load(
     if env.rank == 0:
         failure: BaseException | None = None
         try:
-            with _BuildLock(path, config.timeout_seconds, config.poll_interval):
-                meta, reason = read_cache_metadata(path, config, expected)
+            # A complete, matching cache is read without the build lock, so it also loads from a read-only folder.
+            meta, reason = read_cache_metadata(path, config, expected)
+            with contextlib.nullcontext() if meta is not None else _BuildLock(path, config.timeout_seconds,
+                                                                               config.poll_interval):
+                if meta is None:
+                    meta, reason = read_cache_metadata(path, config, expected)  # another job may have built it
                 if meta is None:
                     if path.exists():
                         logger.warning("rebuilding the dataset cache: %s", reason)
@@ -548,9 +581,7 @@ def rank_zero_build_and_load(
                                                 "pid": os.getpid()})
         finally:
             if use_barrier:
-                import torch.distributed as dist
-
-                dist.barrier()  # releases the waiting ranks whether the build succeeded or not
+                _bounded_barrier(config, env.rank, f"the other ranks to load {path.name}")  # whatever the outcome
         if failure is not None:
             raise failure
         meta, reason = read_cache_metadata(path, config, expected)
@@ -558,10 +589,8 @@ def rank_zero_build_and_load(
             raise CacheBuildError(f"the dataset cache {path} vanished after it was written: {reason}")
     else:
         if use_barrier:
-            import torch.distributed as dist
-
             log_all_ranks(logging.INFO, f"waiting on a barrier for rank 0 to build {path.name}")
-            dist.barrier()
+            _bounded_barrier(config, env.rank, f"rank 0 to build {path.name}")
             meta, reason = read_cache_metadata(path, config, expected)
             if meta is None:
                 error = _read_error_marker(path, newer_than=None)
