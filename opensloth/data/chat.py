@@ -596,12 +596,8 @@ def _encode_one(ids, offsets, spans, assistant_only: bool, max_seq_length: int |
     return ids, labels, mask, n_full, n_trained_full
 
 
-def _take_tools(tools, template_kwargs: dict) -> list | None:
-    """The `tools` argument, also accepted inside `template_kwargs` (as `apply_chat_template` takes it)."""
-    if "tools" in template_kwargs:
-        if tools is not None:
-            raise ValueError("tools were given twice (as tools=... and inside the template kwargs); give them once")
-        tools = template_kwargs.pop("tools")
+def _check_tools(tools) -> list | None:
+    """The `tools` argument validated like a record's `tools` (a list of definitions, or that list as JSON)."""
     if tools is None:
         return None
     try:
@@ -627,7 +623,7 @@ def encode_chat(
     Same rules as `tokenize_chat_dataset` (no truncation counting: lists are cut to `max_seq_length`). A record's
     own `tools` win over the `tools` argument.
     """
-    tools = _take_tools(tools, template_kwargs)
+    tools = _check_tools(tools)
     if isinstance(record_or_messages, Mapping):
         messages = record_messages(record_or_messages, messages_field=messages_field)
         tools = record_tools(record_or_messages, default=tools)
@@ -794,7 +790,7 @@ def tokenize_chat_dataset(
         )
     if getattr(tokenizer, "chat_template", None) is None and chat_template is None:
         raise ValueError("the tokenizer has no chat_template; pass chat_template=... (a Jinja template string)")
-    tools = _take_tools(tools, template_kwargs)
+    tools = _check_tools(tools)
     if end_of_turn == "auto":
         end_of_turn = detect_end_of_turn(tokenizer, chat_template)
         if end_of_turn is None:
