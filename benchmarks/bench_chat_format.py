@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._report import machine_header, markdown_table, write_result  # noqa: E402
 from opensloth.data.chat import (  # noqa: E402
     detect_end_of_turn,
-    detect_turn_prefix,
+    probe_chat_template,
     record_messages,
     render_with_spans,
     tokenize_chat_dataset,
@@ -75,7 +75,7 @@ def main() -> None:
 
     logging.getLogger("opensloth").setLevel(logging.WARNING)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    eot, probe = detect_end_of_turn(tok), detect_turn_prefix(tok)
+    eot, probe = detect_end_of_turn(tok), probe_chat_template(tok)
     rows = []
     for name in SHARED_CHAT_FILES:
         records = read_shared_chat(name, chat_dir)[: args.records]

@@ -222,6 +222,14 @@ def test_tools_argument_and_per_record_tools(qwen3_tokenizer):
         tokenize_chat_dataset([without], tok, tools={"name": "f"})
 
 
+def test_empty_tool_call_lists_mean_no_call(qwen3_tokenizer):
+    """Datasets often write `"tool_calls": []` on every turn; that is no call (and no error on a user turn)."""
+    plain = RECORDS[4]["messages"]
+    padded = [{**m, "tool_calls": []} for m in plain]
+    assert record_messages({"messages": padded}) == plain
+    assert encode_chat(padded, qwen3_tokenizer) == encode_chat(plain, qwen3_tokenizer)
+
+
 def test_enable_thinking_false_and_reasoning_in_tool_steps(qwen3_tokenizer):
     """Qwen3 quirks: with enable_thinking=False the generation prompt holds an empty think block that turns inside
     the conversation lack; reasoning of tool-calling steps is dropped from the history once a later user query

@@ -59,7 +59,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "tool": "tool", "observation": "tool", "function_call": "assistant"}
 # Fields tried, in order, when `messages_field` is not given.
 CONVERSATION_FIELDS = ("messages", "conversation", "conversations")
-# Two probe answers that differ at their first character (see detect_turn_prefix).
+# Two probe answers that differ at their first character (see probe_chat_template).
 _PROBE_QUESTION = "OPENSLOTH_PROBE_QUESTION"
 _PROBE_ANSWERS = ("OPENSLOTH_PROBE_ANSWER_7f3a", "xopensloth probe answer 2")
 
@@ -96,7 +96,7 @@ def _check_tool_calls(calls: Any, name: str, j: int) -> None:
     if not isinstance(calls, Sequence) or isinstance(calls, (str, bytes)):
         raise ChatFormatError(f"{where} has 'tool_calls' of type {type(calls).__name__}, expected a list of calls")
     for k, call in enumerate(calls):
-        fn = call.get("function", call) if isinstance(call, Mapping) else None  # OpenAI nests them in "function"
+        fn = (call.get("function") or call) if isinstance(call, Mapping) else None  # OpenAI nests it in "function"
         if not isinstance(fn, Mapping):
             raise ChatFormatError(f"{where}: tool call {k} is a {type(call).__name__} {call!r:.60}, expected "
                                   f'{{"type": "function", "function": {{"name": ..., "arguments": {{...}}}}}}')
@@ -194,13 +194,14 @@ def record_messages(record: Mapping, index: int | None = None, *, messages_field
                 f"(keys: {sorted(turn.keys())})"
             )
         calls = msg.get("tool_calls")
+        if isinstance(calls, (list, tuple)) and len(calls) == 0:  # `"tool_calls": []` on every turn: no call
+            del msg["tool_calls"]
+            calls = None
         if calls is not None and role != "assistant":
             raise ChatFormatError(f"{name}: message {j} (role {role!r}) has 'tool_calls'; only assistant turns call "
                                   f"tools")
         if calls is not None:
             _check_tool_calls(calls, name, j)
-            if len(calls) == 0:  # an Arrow row's empty list: no call
-                del msg["tool_calls"]
         if calls and content is None:  # OpenAI writes content null next to tool calls: keep it as written
             if "content" in turn:
                 msg["content"] = None
@@ -240,8 +241,6 @@ def _render(tokenizer, messages: list, *, tools, chat_template, template_kwargs,
             messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt,
             chat_template=chat_template, **template_kwargs,
         )
-    except ChatFormatError:
-        raise
     except Exception as exc:  # noqa: BLE001 - a template's raise_exception or a Jinja error: name the record
         raise ChatFormatError(f"{record_name}: the chat template failed on it ({type(exc).__name__}: {exc})") from exc
     if not isinstance(text, str):
@@ -314,7 +313,7 @@ def _common_prefix_len(a: str, b: str) -> int:
     return lo
 
 
-def detect_turn_prefix(tokenizer, chat_template: str | None = None, *, tools: list | None = None,
+def probe_chat_template(tokenizer, chat_template: str | None = None, *, tools: list | None = None,
                        **template_kwargs: Any) -> TemplateProbe:
     """Probe a chat template (with these `tools` and `template_kwargs`) for its generation prompt, the role header
     of its assistant turns and the message-independent text it opens a final assistant turn with (`TemplateProbe`).
@@ -501,12 +500,12 @@ def render_with_spans(
     Returns `(text, spans)`: `text` is exactly `apply_chat_template(messages, tools=tools, tokenize=False)`;
     spans are `(start, end)` character offsets into `text`, one per assistant message, from the first character the
     assistant produces through the end-of-turn string that closes the turn (see the module docstring). `probe`
-    (from `detect_turn_prefix`) is computed when not given.
+    (from `probe_chat_template`) is computed when not given.
     """
     if end_of_turn == "auto":
         end_of_turn = detect_end_of_turn(tokenizer, chat_template)
     if probe is None:
-        probe = detect_turn_prefix(tokenizer, chat_template, tools=tools, **template_kwargs)
+        probe = probe_chat_template(tokenizer, chat_template, tools=tools, **template_kwargs)
     text = _render(tokenizer, messages, tools=tools, chat_template=chat_template, template_kwargs=template_kwargs,
                    record_name=record_name)
     spans: list[tuple[int, int]] = []
@@ -795,7 +794,7 @@ def tokenize_chat_dataset(
         end_of_turn = detect_end_of_turn(tokenizer, chat_template)
         if end_of_turn is None:
             logger.warning("no end-of-turn token found after assistant content; only the content itself is trained")
-    probe = detect_turn_prefix(tokenizer, chat_template, tools=tools, **template_kwargs)
+    probe = probe_chat_template(tokenizer, chat_template, tools=tools, **template_kwargs)
 
     stats = ChatTokenizeStats(max_seq_length=max_seq_length)
     if not isinstance(dataset, Dataset):
@@ -898,8 +897,8 @@ __all__ = [
     "ChatTokenizeStats",
     "TemplateProbe",
     "detect_end_of_turn",
-    "detect_turn_prefix",
     "encode_chat",
+    "probe_chat_template",
     "record_messages",
     "record_tools",
     "render_with_spans",
