@@ -4,8 +4,12 @@
 self-contained page per batch under `.log/` (inline CSS and a small inline script, nothing fetched) and logs
 the paths. Every row shows each token as its own span (class `tr` = trained, label != -100; `ms` = masked;
 `pd` = padding), each packed sample wrapped in a `.sample` element that opens with a `.bnd` boundary marker,
-and a per-row summary (tokens, samples, trained, masked, padding, fill). The inline script recounts all of it from
-the DOM and writes the result into `#dom-counts`, so a browser-rendered page can be checked against the batch.
+and a per-row summary (tokens, samples, trained, masked, padding, fill). Tokens inside a tool call get the extra class
+`tc` and tokens inside a tool result `tres` (outlined, on top of the trained/masked colour): the regions between the
+chat template's markers in `TOOL_MARKERS` (Qwen/Hermes `<tool_call>`/`<tool_response>`, Mistral `[TOOL_CALLS]`/
+`[TOOL_RESULTS]`, Llama 3 `ipython` turns), found in the decoded text of each sample (a format example the template
+writes into the system prompt is outlined too). The inline script recounts all of it from the DOM and writes the
+result into `#dom-counts`, so a browser-rendered page can be checked against the batch.
 
 Sample boundaries come from, in order: per-row `seq_lengths`, `packed_seq_lengths`, `cu_seq_lens_q`/`cu_seq_lens_k`,
 then `position_ids` (via `opensloth.masks`); without any of them a row is one sample. Padding is
@@ -27,6 +31,15 @@ import numpy as np
 from opensloth.distributed import logger
 
 IGNORE_INDEX = -100
+# (css class, opening marker, closing marker): a region from an opening marker through its closing marker (or the end
+# of the sample) is a tool call ("tc") or a tool result ("tres").
+TOOL_MARKERS: tuple[tuple[str, str, str], ...] = (
+    ("tc", "<tool_call>", "</tool_call>"),  # Qwen2.5 / Qwen3 / Hermes
+    ("tres", "<tool_response>", "</tool_response>"),
+    ("tc", "[TOOL_CALLS]", "</s>"),  # Mistral
+    ("tres", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"),
+    ("tres", "<|start_header_id|>ipython<|end_header_id|>", "<|eot_id|>"),  # Llama 3.x tool results
+)
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 16px; background: #fff; color: #222; }
@@ -41,6 +54,8 @@ table.summary th, table.summary td { border: 1px solid #ccc; padding: 3px 8px; t
 .ms { background: #d8ecd8; color: #555; }
 .pd { background: #eee; color: #aaa; }
 .t.sp { font-weight: bold; }
+.tc { outline: 1px dashed #7b2cbf; outline-offset: -1px; color: #5a189a; }
+.tres { outline: 1px dotted #0a7e8c; outline-offset: -1px; font-style: italic; }
 .sample:nth-child(odd) .t { border-bottom: 2px solid #36c; }
 .sample:nth-child(even) .t { border-bottom: 2px solid #c63; }
 .bnd { background: #36c; color: #fff; font-size: 10px; padding: 0 3px; margin: 0 2px; border-radius: 3px; }
@@ -53,19 +68,22 @@ _SCRIPT = """
 (function () {
   var rows = document.querySelectorAll('.row');
   var out = {rows: rows.length, tokens: 0, trained: 0, masked: 0, padding: 0, samples: 0, boundaries: 0,
-             per_row: []};
+             tool_call: 0, tool_result: 0, per_row: []};
   rows.forEach(function (row) {
     var r = {row: Number(row.dataset.row),
              tokens: row.querySelectorAll('.t').length,
              trained: row.querySelectorAll('.t.tr').length,
              masked: row.querySelectorAll('.t.ms').length,
              padding: row.querySelectorAll('.t.pd').length,
+             tool_call: row.querySelectorAll('.t.tc').length,
+             tool_result: row.querySelectorAll('.t.tres').length,
              samples: row.querySelectorAll('.sample').length,
              boundaries: row.querySelectorAll('.bnd').length,
              sample_lengths: Array.prototype.map.call(row.querySelectorAll('.sample'),
                function (s) { return s.querySelectorAll('.t').length; })};
     out.per_row.push(r);
-    ['tokens', 'trained', 'masked', 'padding', 'samples', 'boundaries'].forEach(function (k) { out[k] += r[k]; });
+    ['tokens', 'trained', 'masked', 'padding', 'samples', 'boundaries', 'tool_call', 'tool_result'].forEach(
+      function (k) { out[k] += r[k]; });
   });
   var el = document.getElementById('dom-counts');
   el.textContent = JSON.stringify(out);
@@ -157,11 +175,34 @@ def _token_texts(tokenizer, ids: np.ndarray) -> list[str]:
         return [str(t) for t in tokenizer.convert_ids_to_tokens(flat)]
 
 
+def _tool_classes(texts: list[str], markers) -> list[str]:
+    """Per token of one sample: "tc", "tres" or "" from the marker regions of the sample's decoded text."""
+    ends = np.cumsum([len(t) for t in texts])
+    starts = ends - np.asarray([len(t) for t in texts], dtype=np.int64)
+    joined = "".join(texts)
+    out = [""] * len(texts)
+    regions = []
+    for cls, opening, closing in markers:
+        at = joined.find(opening)
+        while at >= 0:
+            close = joined.find(closing, at + len(opening))
+            stop = len(joined) if close < 0 else close + len(closing)
+            regions.append((at, stop, cls))
+            at = joined.find(opening, stop)
+    for a, b, cls in regions:
+        first = int(np.searchsorted(ends, a, side="right"))
+        last = int(np.searchsorted(starts, b, side="left"))
+        for t in range(first, min(last, len(texts))):
+            out[t] = out[t] or cls
+    return out
+
+
 def _visible(text: str) -> str:
     return html.escape(text.replace("\t", "\u2192\t").replace("\n", "\u21b5\n"), quote=False)
 
 
-def _render_row(r: int, ids, labels, pad, lengths, special_ids, tokenizer, max_tokens: int | None) -> tuple[str, dict]:
+def _render_row(r: int, ids, labels, pad, lengths, special_ids, tokenizer, max_tokens: int | None,
+                tool_markers=TOOL_MARKERS) -> tuple[str, dict]:
     width = len(ids)
     trained = labels != IGNORE_INDEX
     n_pad = int(pad.sum())
@@ -177,6 +218,7 @@ def _render_row(r: int, ids, labels, pad, lengths, special_ids, tokenizer, max_t
     start = 0
     n_samples = 0
     sample_lengths = []
+    n_tool = {"tc": 0, "tres": 0}
     for n in lengths.tolist():
         end = start + int(n)
         is_padding = bool(pad[start:end].all()) and end > start
@@ -190,10 +232,15 @@ def _render_row(r: int, ids, labels, pad, lengths, special_ids, tokenizer, max_t
                          f"\u27e6{n_samples}</span>")
             n_samples += 1
             sample_lengths.append(int(n))
-        for t in range(start, min(end, shown)):
+        stop = min(end, shown)
+        tools = _tool_classes(texts[start:stop], tool_markers) if tool_markers and not is_padding else None
+        for t in range(start, stop):
             cls = "pd" if pad[t] else ("tr" if trained[t] else "ms")
             if int(ids[t]) in special_ids:
                 cls += " sp"
+            if tools and tools[t - start]:
+                cls += " " + tools[t - start]
+                n_tool[tools[t - start]] += 1
             title = html.escape(f"#{t} id={int(ids[t])} label={int(labels[t])}", quote=True)
             parts.append(f'<span class="t {cls}" data-i="{t}" title="{title}">{_visible(texts[t])}</span>')
         parts.append("</span>")
@@ -202,6 +249,7 @@ def _render_row(r: int, ids, labels, pad, lengths, special_ids, tokenizer, max_t
         parts.append(f'<span class="note"> \u2026 {width - shown} more tokens not shown</span>')
     stats["samples"] = n_samples
     stats["sample_lengths"] = sample_lengths
+    stats["tool_call"], stats["tool_result"] = n_tool["tc"], n_tool["tres"]
     head = (f'<div class="row" id="row-{r}" data-row="{r}" data-tokens="{width}" data-trained="{stats["trained"]}" '
             f'data-masked="{stats["masked"]}" data-padding="{n_pad}" data-samples="{n_samples}" '
             f'data-fill="{stats["fill"]:.4f}"><h2>Row {r}</h2><div class="tokens">')
@@ -209,9 +257,14 @@ def _render_row(r: int, ids, labels, pad, lengths, special_ids, tokenizer, max_t
 
 
 def render_batch_html(
-    batch: dict, tokenizer, *, title: str = "batch", max_tokens_per_row: int | None = None
+    batch: dict, tokenizer, *, title: str = "batch", max_tokens_per_row: int | None = None,
+    tool_markers=TOOL_MARKERS,
 ) -> tuple[str, dict]:
-    """Render one collated batch as a self-contained HTML page; returns `(html_text, summary)`."""
+    """Render one collated batch as a self-contained HTML page; returns `(html_text, summary)`.
+
+    `tool_markers`: `(css class, opening, closing)` triples outlining tool calls ("tc") and tool results ("tres");
+    empty to turn it off.
+    """
     if not isinstance(batch, dict) or "input_ids" not in batch:
         keys = sorted(batch.keys()) if isinstance(batch, dict) else type(batch).__name__
         raise ValueError(f"a batch must be a dict with 'input_ids' (got {keys})")
@@ -252,10 +305,12 @@ def render_batch_html(
         if lengths is None and pad.any():  # no boundaries given: real tokens and padding as separate runs
             change = np.flatnonzero(np.diff(pad.astype(np.int8))) + 1
             lengths = np.diff(np.concatenate([[0], change, [width]])).astype(np.int64)
-        h, st = _render_row(r, ids[r], labels[r], pad, lengths, special_ids, tokenizer, max_tokens_per_row)
+        h, st = _render_row(r, ids[r], labels[r], pad, lengths, special_ids, tokenizer, max_tokens_per_row,
+                            tool_markers)
         rows_html.append(h)
         row_stats.append(st)
-    totals = {k: sum(s[k] for s in row_stats) for k in ("tokens", "trained", "masked", "padding", "samples")}
+    totals = {k: sum(s[k] for s in row_stats)
+              for k in ("tokens", "trained", "masked", "padding", "samples", "tool_call", "tool_result")}
     summary = {"title": title, "rows": n_rows, "width": width, "boundaries_from": source, **totals,
                "fill": (totals["tokens"] - totals["padding"]) / totals["tokens"] if totals["tokens"] else 0.0,
                "per_row": row_stats}
@@ -274,9 +329,12 @@ def render_batch_html(
         f"<h1>{safe_title}</h1>\n"
         f"<p>{n_rows} rows \u00d7 {width} tokens; {totals['samples']} samples (boundaries from "
         f"<code>{html.escape(source)}</code>); {totals['trained']} trained, {totals['masked']} masked, "
-        f"{totals['padding']} padding; fill {100 * summary['fill']:.1f}%.</p>\n"
+        f"{totals['padding']} padding; fill {100 * summary['fill']:.1f}%"
+        + (f"; {totals['tool_call']} tokens in tool calls, {totals['tool_result']} in tool results"
+           if totals["tool_call"] or totals["tool_result"] else "") + ".</p>\n"
         "<p class='legend'><span class='tr'>trained (label \u2260 -100)</span><span class='ms'>masked "
-        "(label = -100)</span><span class='pd'>padding</span><span class='bnd'>\u27e6k</span> sample k begins</p>\n"
+        "(label = -100)</span><span class='pd'>padding</span><span class='bnd'>\u27e6k</span> sample k begins"
+        "<span class='tc'>tool call</span><span class='tres'>tool result</span></p>\n"
         f"<script type='application/json' id='summary'>{summary_json}</script>\n"
         + "".join(table) + "\n" + "".join(rows_html)
         + "<pre id='dom-counts' data-ready='0'></pre>\n"
@@ -293,6 +351,7 @@ def debug_chat_dataloader_for_training(
     out_dir: str | os.PathLike = ".log",
     name: str = "dataloader",
     max_tokens_per_row: int | None = None,
+    tool_markers=TOOL_MARKERS,
 ) -> list[str]:
     """Write an HTML page for each of the first `n_example` batches of `dataloader` under `out_dir`; log the paths.
 
@@ -308,7 +367,7 @@ def debug_chat_dataloader_for_training(
         if k >= n_example:
             break
         page, summary = render_batch_html(dict(batch), tokenizer, title=f"{name} batch {k}",
-                                          max_tokens_per_row=max_tokens_per_row)
+                                          max_tokens_per_row=max_tokens_per_row, tool_markers=tool_markers)
         path = out / f"{name}_batch_{k:03d}.html"
         path.write_text(page, encoding="utf-8")
         paths.append(str(path))
@@ -321,4 +380,4 @@ def debug_chat_dataloader_for_training(
     return paths
 
 
-__all__ = ["debug_chat_dataloader_for_training", "render_batch_html"]
+__all__ = ["TOOL_MARKERS", "debug_chat_dataloader_for_training", "render_batch_html"]

@@ -10,9 +10,11 @@ folder is written under a temporary name and renamed into place, so an interrupt
 looks complete. Training scripts load it with `--skip_prepare --prepared_dataset_path data/precomputed/<name>`
 (`opensloth.data.cache.load_prepared_dataset`).
 
-`--data` takes JSONL/JSON files of chat records (`messages`, Capybara's `conversation`, or ShareGPT's
-`conversations`), folders written by `datasets.save_to_disk`, or the names of the shared datasets
-(alpaca, gsm8k, hh_rlhf, arena_hard, looked up in $OPENSLOTH_SHARED_DATA or ../shared/data).
+`--data` takes JSONL/JSON files of chat records (`messages`, with `tool_calls`, `tool` turns and a per-record
+`tools` list; Capybara's `conversation`; ShareGPT's `conversations`; see TRAINING_README.md "Record schemas"), folders
+written by `datasets.save_to_disk`, or the names of the shared datasets (alpaca, gsm8k, hh_rlhf, arena_hard, looked
+up in $OPENSLOTH_SHARED_DATA or ../shared/data). File records keep their nested values exactly as written; a bad
+record is named by file and line. Tools shared by every record without its own: `--template_kwargs '{"tools": [...]}'`.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--all_tokens", action="store_true",
                    help="train on every token (default: assistant turns only, content + end-of-turn token)")
     p.add_argument("--on_error", choices=("raise", "skip"), default="raise",
-                   help="a malformed record stops the run (raise) or is skipped and counted (skip)")
+                   help="a malformed record (or a file line that is not a JSON object) stops the run (raise) or is "
+                        "skipped and counted (skip)")
     p.add_argument("--template_kwargs", default="{}",
                    help='JSON of extra apply_chat_template arguments, e.g. \'{"enable_thinking": false}\'')
     p.add_argument("--val_data", nargs="*", default=None, help="separate validation sources (same forms as --data)")
@@ -103,7 +106,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_records(sources: list[str], max_records: int | None):
+def load_records(sources: list[str], max_records: int | None, on_error: str = "raise"):
     """All records of the sources, as a list of dicts (or one datasets.Dataset for a save_to_disk folder)."""
     records: list = []
     provenance = []
@@ -120,7 +123,7 @@ def load_records(sources: list[str], max_records: int | None):
     for src, path in paths:
         n0 = len(records)
         try:
-            records.extend(read_chat_records(path, progress=True))
+            records.extend(read_chat_records(path, progress=True, on_error=on_error))
         except ValueError as exc:
             raise SystemExit(str(exc)) from None
         provenance.append({"source": src, "path": str(path), "rows": len(records) - n0,
@@ -159,7 +162,7 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from opensloth.data.cache import CacheConfig, atomic_save_datasets, read_cache_metadata, tokenizer_identity
-    from opensloth.data.chat import tokenize_chat_dataset
+    from opensloth.data.chat import CHAT_FORMAT_VERSION, tokenize_chat_dataset
 
     name = args.name or "+".join(Path(s).stem for s in args.data)
     out = Path(args.output_dir) / name
@@ -171,9 +174,9 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    records, provenance = load_records(args.data, args.max_records)
+    records, provenance = load_records(args.data, args.max_records, args.on_error)
     if args.val_data:
-        train_records, val_records = records, load_records(args.val_data, None)[0]
+        train_records, val_records = records, load_records(args.val_data, None, args.on_error)[0]
     else:
         train_records, val_records = split_records(records, args.val_size, args.seed)
 
@@ -199,6 +202,7 @@ def main(argv=None) -> int:
 
     metadata = {
         "kind": "opensloth.precomputed",
+        "chat_format": CHAT_FORMAT_VERSION,
         "args": dict(vars(args)),
         "sources": provenance,
         "tokenizer": {"name_or_path": args.tokenizer, **(tokenizer_identity(tokenizer) or {})},

@@ -373,8 +373,11 @@ def prepare_datasets(config: TrainConfig, tokenizer, world_size: int):
             out = {k: build_packed_dataset(v, config.max_seq_length, strategy="best") for k, v in out.items()}
         return out
 
+    from opensloth.data.chat import CHAT_FORMAT_VERSION
+
     material = {
         "format": DATA_FORMAT,
+        "chat_format": CHAT_FORMAT_VERSION,  # labels of tool-call records changed in 2
         "dataset": dataset_identity(config.dataset, config.seed),
         "train_samples": config.train_samples,
         "test_samples": config.test_samples,

@@ -2,31 +2,46 @@
 
 Pipeline (both steps are `Dataset.map(batched=True, num_proc=..., remove_columns=...)`):
 
-1. Render: each record's conversation (`messages`, Capybara's `conversation` of input/output pairs, or ShareGPT's
-   `conversations` of from/value turns) is validated and rendered once with `tokenizer.apply_chat_template`
-   into a `text` column, together with the character spans of the assistant turns *in that rendered text*.
+1. Render: each record's conversation (`messages` in the OpenAI / Hugging Face schema, with `tool_calls` and `tool`
+   turns and a per-record `tools` list; Capybara's `conversation` of input/output pairs; ShareGPT's `conversations`
+   of from/value turns) is validated and rendered with `tokenizer.apply_chat_template(messages, tools=...)` into a
+   `text` column, together with the character spans of the assistant turns *in that rendered text*.
 2. Tokenise: `text` is encoded with offsets (no special tokens added: the template already wrote them) and
    the character spans are mapped to tokens, giving `input_ids` and `labels` (and optionally `assistant_masks`).
 
-Which tokens of an assistant turn are trained (labels == input_ids; every other token gets -100):
-from the first character of the assistant's content as the template rendered it, through the end-of-turn
-token that closes the turn (`<|im_end|>` for Qwen/ChatML). The role header (`<|im_start|>assistant\\n`),
-anything the template inserts before the content (Qwen3's empty `<think>\\n\\n</think>\\n\\n` block on the last
-turn), the newline after the end-of-turn token, and all user/system/tool turns are masked. Reasoning written in
-the content (`<think>...</think>answer`) is trained where the template renders it (Qwen3: the final turn); where
-the template drops it from the history (Qwen3: earlier turns) only the answer is there to train. A token whose
-characters straddle a span edge is trained (it is needed to produce the content). The spans are found in the
-rendered conversation, never by rendering turns one at a time: Qwen3 renders the last assistant turn
-differently from earlier ones, so per-turn renders do not concatenate to the real text.
+Records reach the template exactly as written. A list of records (e.g. from `read_chat_records`) is handed to
+`datasets` as one JSON string per record and decoded again before rendering, so no columnar schema is imposed across
+records: tool-call `arguments` with different keys, or the same key with different JSON types, stay as each record
+wrote them. (A `datasets.Dataset` given as input already has such a schema: free-form payloads stored as Arrow
+structs carry every other row's keys as null; a warning says so. Store them as JSON strings instead.)
 
-Bad records (no conversation field, an empty conversation, an unknown role, non-string content, no assistant
-turn when training assistant-only, a content the template dropped) raise `ChatFormatError` naming the record,
-or with `on_error="skip"` are dropped and counted in the log. Records longer than `max_seq_length` are
-truncated (or dropped with `overflow="drop"`); either way they are counted and logged.
+Which tokens of an assistant turn are trained (labels == input_ids; every other token gets -100): everything the
+assistant produces in that turn as the template renders it (its text, the template's whole rendering of its tool
+calls) through the end-of-turn token that closes the turn (`<|im_end|>` for Qwen/ChatML). The role header
+(`<|im_start|>assistant\\n`, i.e. the generation prompt), text the template writes at the start of every final
+assistant turn whatever it says (Qwen3's empty `<think>\\n\\n</think>\\n\\n` block), the newline after the
+end-of-turn token, and all system/user/tool turns and tool definitions are masked. Reasoning written in the content
+(`<think>...</think>answer`) is trained where the template renders it (Qwen3: the turns after the last user query);
+where the template drops it from the history only the answer is there to train. A token whose characters straddle a
+span edge is trained (it is needed to produce the assistant's text).
+
+Each assistant turn j is located from the template's own renderings, never by searching for its text: rendering
+the conversation up to turn j with the generation prompt gives where the turn starts, and what rendering it through
+turn j adds to that is the turn as the template writes it when it is the final one. Templates that render a turn
+differently inside the conversation (Qwen3 drops the empty think block and the reasoning of earlier turns) write
+there a suffix of that text; the longest suffix that the whole conversation has at that position is the turn.
+
+Bad records (no conversation field, an empty conversation, an unknown role, non-string content, malformed
+`tool_calls` or `tools`, no assistant turn when training assistant-only, a template that fails on the record or
+whose renderings cannot be aligned) raise `ChatFormatError` naming the record (`file:line` for records read by
+`opensloth.data.shared.read_chat_records`), or with `on_error="skip"` are dropped and counted in the log. Records
+longer than `max_seq_length` are truncated (or dropped with `overflow="drop"`); either way they are counted and
+logged.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,11 +52,16 @@ import numpy as np
 from opensloth.distributed import logger
 
 IGNORE_INDEX = -100
+# Bump when the rendered text or the labels of some record change: it is part of the training scripts' cache keys.
+CHAT_FORMAT_VERSION = 2
 KNOWN_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "tool": "tool"}
+                  "system": "system", "tool": "tool", "observation": "tool", "function_call": "assistant"}
 # Fields tried, in order, when `messages_field` is not given.
 CONVERSATION_FIELDS = ("messages", "conversation", "conversations")
+# Two probe answers that differ at their first character (see probe_chat_template).
+_PROBE_QUESTION = "OPENSLOTH_PROBE_QUESTION"
+_PROBE_ANSWERS = ("OPENSLOTH_PROBE_ANSWER_7f3a", "xopensloth probe answer 2")
 
 
 class ChatFormatError(ValueError):
@@ -49,7 +69,11 @@ class ChatFormatError(ValueError):
 
 
 def _record_name(index: int | None, record: Mapping | None) -> str:
-    name = f"record {index}" if index is not None else "record"
+    source = getattr(record, "source", None)  # opensloth.data.shared.ChatRecord: "file:line"
+    if source:
+        name = str(source)
+    else:
+        name = f"record {index}" if index is not None else "record"
     if isinstance(record, Mapping):
         rid = record.get("id")
         if rid is not None:
@@ -57,15 +81,59 @@ def _record_name(index: int | None, record: Mapping | None) -> str:
     return name
 
 
+def _json_field(value: Any, what: str, name: str) -> Any:
+    """A field that may hold its value as a JSON string (how Arrow datasets keep free-form payloads)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise ChatFormatError(f"{name}: {what} is a string that is not valid JSON ({value!r:.60})") from None
+
+
+def _check_tool_calls(calls: Any, name: str, j: int) -> None:
+    where = f"{name}: message {j} (role 'assistant')"
+    if not isinstance(calls, Sequence) or isinstance(calls, (str, bytes)):
+        raise ChatFormatError(f"{where} has 'tool_calls' of type {type(calls).__name__}, expected a list of calls")
+    for k, call in enumerate(calls):
+        fn = (call.get("function") or call) if isinstance(call, Mapping) else None  # OpenAI nests it in "function"
+        if not isinstance(fn, Mapping):
+            raise ChatFormatError(f"{where}: tool call {k} is a {type(call).__name__} {call!r:.60}, expected "
+                                  f'{{"type": "function", "function": {{"name": ..., "arguments": {{...}}}}}}')
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ChatFormatError(f"{where}: tool call {k} has no function name (keys: {sorted(fn)})")
+        args = fn.get("arguments")
+        if not isinstance(args, (Mapping, str)):
+            raise ChatFormatError(
+                f"{where}: tool call {k} ({fn['name']!r}) has arguments of type {type(args).__name__} {args!r:.60}; "
+                f"expected a JSON object or a JSON string (use {{}} for a call without arguments)"
+            )
+
+
+def _sharegpt_call(value: Any, name: str, j: int) -> list[dict]:
+    """ShareGPT's `function_call` turn (LLaMA-Factory style): a JSON call `{"name", "arguments"}` or a list of them."""
+    calls = _json_field(value, f"turn {j} (from 'function_call') value", name)
+    if isinstance(calls, Mapping):
+        calls = [calls]
+    if not isinstance(calls, list):
+        raise ChatFormatError(f"{name}: turn {j} (from 'function_call') is {calls!r:.60}, expected a JSON call "
+                              f'{{"name": ..., "arguments": {{...}}}} or a list of them')
+    return [{"type": "function", "function": c} for c in calls]
+
+
 def record_messages(record: Mapping, index: int | None = None, *, messages_field: str | None = None) -> list[dict]:
-    """Return a record's conversation as validated `[{"role", "content"}, ...]`.
+    """Return a record's conversation as validated messages `[{"role", "content", ...}, ...]`.
 
-    Accepts `messages` (role/content), Capybara's `conversation` (list of `{"input", "output"}` pairs: input is
-    the user's turn, output the assistant's) and ShareGPT's `conversations` (`{"from", "value"}` with
-    human/gpt/system). Extra per-message keys (`tool_calls`, `reasoning_content`, ...) are kept.
+    Accepts `messages` (role/content, OpenAI / Hugging Face schema: assistant `tool_calls`, `tool` turns, any extra
+    per-message keys such as `reasoning_content` or `tool_call_id` are kept), Capybara's `conversation` (list of
+    `{"input", "output"}` pairs: input is the user's turn, output the assistant's) and ShareGPT's `conversations`
+    (`{"from", "value"}` with human/gpt/system, and `function_call`/`observation` turns for tool calls and their
+    results). The conversation field may also hold the list as a JSON string. Values are kept as written; keys whose
+    value is None are dropped (an Arrow dataset fills missing keys with None), except an assistant's `content` next
+    to its `tool_calls`.
 
-    Raises ChatFormatError naming the record for a missing field, an empty conversation, an unknown role or a
-    non-string content.
+    Raises ChatFormatError naming the record for a missing field, an empty conversation, an unknown role, a
+    non-string content, or malformed tool calls.
     """
     name = _record_name(index, record)
     if not isinstance(record, Mapping):
@@ -82,6 +150,8 @@ def record_messages(record: Mapping, index: int | None = None, *, messages_field
         )
     field_name = fields[0]
     turns = record[field_name]
+    if isinstance(turns, str) and turns.lstrip().startswith("["):
+        turns = _json_field(turns, f"field {field_name!r}", name)
     if not isinstance(turns, Sequence) or isinstance(turns, (str, bytes)):
         raise ChatFormatError(f"{name}: field {field_name!r} is a {type(turns).__name__}, expected a list of turns")
     if len(turns) == 0:
@@ -116,11 +186,27 @@ def record_messages(record: Mapping, index: int | None = None, *, messages_field
                 )
             role, content = SHAREGPT_ROLES[raw_role], turn.get("value")
             msg = {"role": role}
+            if raw_role == "function_call":
+                msg["tool_calls"], content = _sharegpt_call(content, name, j), ""
         else:
             raise ChatFormatError(
                 f"{name}: turn {j} has neither 'role'/'content', 'from'/'value' nor 'input'/'output' keys "
                 f"(keys: {sorted(turn.keys())})"
             )
+        calls = msg.get("tool_calls")
+        if isinstance(calls, (list, tuple)) and len(calls) == 0:  # `"tool_calls": []` on every turn: no call
+            del msg["tool_calls"]
+            calls = None
+        if calls is not None and role != "assistant":
+            raise ChatFormatError(f"{name}: message {j} (role {role!r}) has 'tool_calls'; only assistant turns call "
+                                  f"tools")
+        if calls is not None:
+            _check_tool_calls(calls, name, j)
+        if calls and content is None:  # OpenAI writes content null next to tool calls: keep it as written
+            if "content" in turn:
+                msg["content"] = None
+            messages.append(msg)
+            continue
         if not isinstance(content, str):
             raise ChatFormatError(
                 f"{name}: message {j} (role {role!r}) content is {type(content).__name__} {content!r:.60}, expected "
@@ -131,6 +217,37 @@ def record_messages(record: Mapping, index: int | None = None, *, messages_field
     return messages
 
 
+def record_tools(record: Mapping, index: int | None = None, *, default: list | None = None) -> list | None:
+    """A record's `tools` (a list of tool definitions, or that list as a JSON string), else `default`.
+
+    Raises ChatFormatError naming the record when `tools` is neither.
+    """
+    tools = record.get("tools") if isinstance(record, Mapping) else None
+    if tools is None or (isinstance(tools, str) and not tools.strip()):
+        return default
+    name = _record_name(index, record)
+    tools = _json_field(tools, "'tools'", name)
+    if not isinstance(tools, Sequence) or isinstance(tools, (str, bytes)) or not all(
+            isinstance(t, Mapping) for t in tools):
+        raise ChatFormatError(f"{name}: 'tools' is {tools!r:.80}, expected a list of tool definitions (JSON schemas "
+                              f'such as {{"type": "function", "function": {{"name": ..., "parameters": ...}}}})')
+    return list(tools)
+
+
+def _render(tokenizer, messages: list, *, tools, chat_template, template_kwargs, generation_prompt: bool = False,
+            record_name: str = "record") -> str:
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt,
+            chat_template=chat_template, **template_kwargs,
+        )
+    except Exception as exc:  # noqa: BLE001 - a template's raise_exception or a Jinja error: name the record
+        raise ChatFormatError(f"{record_name}: the chat template failed on it ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(text, str):
+        raise ChatFormatError(f"{record_name}: apply_chat_template returned {type(text).__name__}, not text")
+    return text
+
+
 def detect_end_of_turn(tokenizer, chat_template: str | None = None) -> str | None:
     """The special-token string the chat template writes right after an assistant's content, or None.
 
@@ -138,8 +255,8 @@ def detect_end_of_turn(tokenizer, chat_template: str | None = None) -> str | Non
     assistant content starts with (`<|im_end|>` for Qwen/ChatML, `<|eot_id|>` for Llama 3); falls back to
     `tokenizer.eos_token` when it appears after the content.
     """
-    probe = "OPENSLOTH_PROBE_ANSWER_7f3a"
-    convo = [{"role": "user", "content": "OPENSLOTH_PROBE_QUESTION"}, {"role": "assistant", "content": probe}]
+    probe = _PROBE_ANSWERS[0]
+    convo = [{"role": "user", "content": _PROBE_QUESTION}, {"role": "assistant", "content": probe}]
     try:
         text = tokenizer.apply_chat_template(convo, tokenize=False, chat_template=chat_template)
     except Exception as exc:  # noqa: BLE001 - a template may refuse the probe; fall back to eos
@@ -164,41 +281,207 @@ def detect_end_of_turn(tokenizer, chat_template: str | None = None) -> str | Non
     return None
 
 
-def _content_variants(content: str) -> list[str]:
-    """The content, then the forms templates commonly render it in (stripped, the answer after `</think>`)."""
-    out = [content]
-    for v in (content.strip("\n"), content.strip()):
-        if v not in out:
-            out.append(v)
-    if "</think>" in content:
-        answer = content.split("</think>")[-1].lstrip("\n")
-        if answer not in out:
-            out.append(answer)
-    return out
+@dataclass(frozen=True)
+class TemplateProbe:
+    """What a chat template writes around every assistant turn, found once from probe conversations.
+
+    - ``generation_prompt``: what `add_generation_prompt=True` appends after a user turn (`<|im_start|>assistant\\n`;
+      Qwen3 with `enable_thinking=False` adds an empty think block).
+    - ``role_header``: the part of it that opens every assistant turn, final or inside the conversation
+      (`<|im_start|>assistant\\n`); masked.
+    - ``turn_prefix``: text after the role header of a final assistant turn that does not depend on the message
+      (Qwen3's empty `<think>\\n\\n</think>\\n\\n`; `assistant: ` for a template without a generation prompt);
+      masked.
+    """
+
+    generation_prompt: str = ""
+    role_header: str = ""
+    turn_prefix: str = ""
 
 
-def _locate(text: str, content: str, cursor: int, eot: str | None) -> tuple[int, int] | None:
-    """Where `content` sits in `text` at or after `cursor`, preferring an occurrence closed by `eot`."""
-    if content == "":
-        if eot is None:
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def probe_chat_template(tokenizer, chat_template: str | None = None, *, tools: list | None = None,
+                       **template_kwargs: Any) -> TemplateProbe:
+    """Probe a chat template (with these `tools` and `template_kwargs`) for its generation prompt, the role header
+    of its assistant turns and the message-independent text it opens a final assistant turn with (`TemplateProbe`).
+    """
+    user = {"role": "user", "content": _PROBE_QUESTION}
+    kw = {"tools": tools, "chat_template": chat_template, "template_kwargs": template_kwargs}
+    try:
+        plain = _render(tokenizer, [user], **kw)
+        prompt = _render(tokenizer, [user], generation_prompt=True, **kw)
+        finals = [_render(tokenizer, [user, {"role": "assistant", "content": a}], **kw) for a in _PROBE_ANSWERS]
+        inside = _render(tokenizer, [user, {"role": "assistant", "content": _PROBE_ANSWERS[0]}, user], **kw)
+    except ChatFormatError as exc:
+        logger.warning("could not render probe conversations to find the template's assistant header (%s); only "
+                       "the generation prompt is masked", exc)
+        return TemplateProbe()
+    base = min(_common_prefix_len(plain, x) for x in (prompt, *finals, inside))
+    generation_prompt = prompt[base:]
+    role_header = generation_prompt[:min(_common_prefix_len(generation_prompt, x[base:]) for x in (*finals, inside))]
+    at = base + len(role_header)
+    turn_prefix = finals[0][at:at + _common_prefix_len(finals[0][at:], finals[1][at:])]
+    return TemplateProbe(generation_prompt=generation_prompt, role_header=role_header, turn_prefix=turn_prefix)
+
+
+def _longest_suffix_at(d: str, text: str, pos: int, k_max: int, first_try: int = -1) -> int | None:
+    """Smallest k <= k_max with `text[pos:]` starting with `d[k:]` (the longest such suffix of d), or None."""
+    if pos >= len(text) or k_max < 0:
+        return None
+    found = None
+    if 0 <= first_try <= k_max and text.startswith(d[first_try:], pos):
+        # Usual case (a Qwen3 turn inside the conversation: the turn without its prefix); confirm nothing longer fits.
+        found, k_max = first_try, first_try - 1
+    c = text[pos]
+    k = d.find(c, 0, k_max + 1)
+    while k >= 0:
+        if text.startswith(d[k:], pos):
+            return k
+        k = d.find(c, k + 1, k_max + 1)
+    return found
+
+
+_RESYNC_CHARS = 16  # characters two renderings must share again after a difference to count as realigned
+
+
+def _resync(context: str, i: int, text: str, k: int) -> tuple[int, int] | None:
+    """After `context[i] != text[k]`, the nearest `(i', k')` where the two agree again for `_RESYNC_CHARS`
+    characters (or up to the end of `context`), skipping characters of one side only: the fewest skipped wins."""
+    best = None
+    t = context.find(text[k], i + 1)  # context shows text here that `text` lacks
+    while t >= 0:
+        n = min(_RESYNC_CHARS, len(context) - t)
+        if context[t:t + n] == text[k:k + n]:
+            best = (t, k)
+            break
+        t = context.find(text[k], t + 1)
+    limit = len(text) if best is None else k + (best[0] - i)
+    u = text.find(context[i], k + 1, limit)  # `text` shows text here that context lacks
+    n = min(_RESYNC_CHARS, len(context) - i)
+    while u >= 0:
+        if text[u:u + n] == context[i:i + n]:
+            return i, u
+        u = text.find(context[i], u + 1, limit)
+    return best
+
+
+def _end_of(context: str, text: str) -> int | None:
+    """Where the rendering `context` of the conversation's first turns ends in `text`: its length when `text` starts
+    with it, else found by walking both and resynchronising after each difference (a template that renders history
+    differently once later turns exist, e.g. Qwen3 dropping the think block of a turn that is no longer the last).
+    None when they do not align."""
+    if text.startswith(context):
+        return len(context)
+    i = k = 0
+    while True:
+        m = _common_prefix_len(context[i:], text[k:])
+        i, k = i + m, k + m
+        if i == len(context):
+            return k
+        if k == len(text):
             return None
-        p = text.find(eot, cursor)
-        return None if p < 0 else (p, p)
-    first = None
-    for variant in _content_variants(content):
-        if variant == "":
-            continue
-        p = text.find(variant, cursor)
-        while p >= 0:
-            end = p + len(variant)
-            if eot is None or text.startswith(eot, end):
-                return p, end
-            if first is None:
-                first = (p, end)
-            p = text.find(variant, p + 1)
-        if first is not None:
-            return first
-    return None
+        found = _resync(context, i, text, k)
+        if found is None:
+            return None
+        i, k = found
+
+
+def _plain_turn_end(msg: dict, text: str, pos: int, end_of_turn: str | None) -> int | None:
+    """End of a plain assistant turn (text only) inside the conversation: its first end-of-turn token after `pos`,
+    when the message cannot contain that token itself and the end of its text is rendered before it. None: use the
+    rendering through the turn instead. Saves one render per earlier turn of a multi-turn chat."""
+    content = msg.get("content")
+    if not end_of_turn or msg.get("tool_calls") or not isinstance(content, str) or end_of_turn in content or any(
+            isinstance(v, str) and end_of_turn in v for v in msg.values()):
+        return None
+    close = text.find(end_of_turn, pos)
+    if close < 0:
+        return None
+    tail = content.split("</think>")[-1].strip()[-16:]  # templates may drop earlier reasoning and strip the text
+    if tail and text.find(tail, pos, close) < 0:
+        return None
+    return close + len(end_of_turn)
+
+
+def _assistant_span(
+    messages: list[dict], j: int, text: str, prev_end: int, *, tokenizer, tools, end_of_turn: str | None,
+    probe: TemplateProbe, chat_template, template_kwargs, record_name: str,
+) -> tuple[int, int]:
+    """The trained character span `[start, end)` of assistant message j in `text` (the whole conversation)."""
+    kw = {"tools": tools, "chat_template": chat_template, "template_kwargs": template_kwargs,
+          "record_name": record_name}
+    gp, header, prefix = probe.generation_prompt, probe.role_header, probe.turn_prefix
+    final = j == len(messages) - 1
+    if j > 0:
+        head = _render(tokenizer, messages[:j], generation_prompt=True, **kw)
+        if head.endswith(gp):
+            context = head[:len(head) - len(gp)]
+        else:  # a prompt that depends on the conversation: all of it is context
+            context, header = head, ""
+    else:  # an opening assistant turn has no conversation before it: its context ends at its role header
+        first = text if final else _render(tokenizer, messages[:1], **kw)
+        at = first.find(header) if header else -1
+        context = first[:at] if at >= 0 else ""
+    c_text = _end_of(context, text)
+    if c_text is None or c_text < prev_end:
+        raise ChatFormatError(
+            f"{record_name}: the chat template renders the conversation before assistant message {j} differently "
+            f"on its own than inside the whole conversation, and the two could not be aligned; its labels cannot be "
+            f"placed (pass on_error='skip' to drop such records)"
+        )
+    end = None if final else _plain_turn_end(messages[j], text, c_text + len(header), end_of_turn)
+    if end is not None and text.startswith(header, c_text):
+        pos = c_text + len(header)
+        turn = text[pos:end]
+    else:
+        through = text if final else _render(tokenizer, messages[:j + 1], **kw)
+        c_through = _end_of(context, through)
+        if c_through is None:
+            raise ChatFormatError(
+                f"{record_name}: the chat template renders the conversation before assistant message {j} "
+                f"differently when it is followed by that message; its labels cannot be placed (pass "
+                f"on_error='skip' to drop such records)"
+            )
+        if not (through.startswith(header, c_through) and text.startswith(header, c_text)):
+            header = ""
+        d = through[c_through + len(header):]  # turn j as the template writes it when it is the final turn
+        pos = c_text + len(header)
+        last_eot = d.rfind(end_of_turn) if end_of_turn else -1
+        k_max = last_eot if last_eot >= 0 else len(d) - 1  # the turn keeps its end-of-turn token
+        k = _longest_suffix_at(d, text, pos, k_max, len(prefix) if prefix and d.startswith(prefix) else -1)
+        if k is not None:
+            turn = d[k:]
+        elif end_of_turn and text.find(end_of_turn, pos) >= 0:
+            # Inside the conversation the turn is no suffix of its final-turn form: it runs to its end-of-turn token.
+            turn = text[pos:text.find(end_of_turn, pos) + len(end_of_turn)]
+        else:
+            raise ChatFormatError(
+                f"{record_name}: assistant message {j} is rendered inside the conversation in a form that does not "
+                f"match its rendering as the final turn ({d!r:.80}); its labels cannot be placed "
+                f"(pass on_error='skip' to drop such records)"
+            )
+    start = pos + (len(prefix) if prefix and turn.startswith(prefix) else 0)
+    close = turn.rfind(end_of_turn) if end_of_turn else -1
+    end = pos + (close + len(end_of_turn) if close >= 0 else len(turn.rstrip()))
+    if start < prev_end or end <= start:
+        raise ChatFormatError(
+            f"{record_name}: assistant message {j} got an empty or overlapping span [{start}, {end}) in the rendered "
+            f"text (the previous turn ends at {prev_end}); the chat template renders nothing trainable for it"
+        )
+    return start, end
 
 
 def render_with_spans(
@@ -208,44 +491,33 @@ def render_with_spans(
     end_of_turn: str | None = "auto",
     chat_template: str | None = None,
     record_name: str = "record",
+    tools: list | None = None,
+    probe: TemplateProbe | None = None,
     **template_kwargs: Any,
 ) -> tuple[str, list[tuple[int, int]]]:
-    """Render a validated conversation once and find each assistant turn's trained character span in it.
+    """Render a validated conversation (with its `tools`) and find each assistant turn's trained span in it.
 
-    Returns `(text, spans)`: spans are `(start, end)` character offsets into `text`, one per assistant message,
-    from the start of its rendered content through the end-of-turn string that closes it (inclusive).
+    Returns `(text, spans)`: `text` is exactly `apply_chat_template(messages, tools=tools, tokenize=False)`;
+    spans are `(start, end)` character offsets into `text`, one per assistant message, from the first character the
+    assistant produces through the end-of-turn string that closes the turn (see the module docstring). `probe`
+    (from `probe_chat_template`) is computed when not given.
     """
     if end_of_turn == "auto":
         end_of_turn = detect_end_of_turn(tokenizer, chat_template)
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=False, chat_template=chat_template, **template_kwargs
-    )
-    if not isinstance(text, str):
-        raise ChatFormatError(f"{record_name}: apply_chat_template returned {type(text).__name__}, not text")
+    if probe is None:
+        probe = probe_chat_template(tokenizer, chat_template, tools=tools, **template_kwargs)
+    text = _render(tokenizer, messages, tools=tools, chat_template=chat_template, template_kwargs=template_kwargs,
+                   record_name=record_name)
     spans: list[tuple[int, int]] = []
-    cursor = 0
+    prev_end = 0
     for j, msg in enumerate(messages):
-        found = _locate(text, msg["content"], cursor, end_of_turn)
-        if found is None:
-            raise ChatFormatError(
-                f"{record_name}: the content of message {j} (role {msg['role']!r}, {msg['content']!r:.60}) does not "
-                f"appear in the rendered text after character {cursor}; the chat template dropped or rewrote it, so "
-                f"its labels cannot be placed (fix the record, or pass on_error='skip')"
-            )
-        start, end = found
-        if msg["role"] == "assistant":
-            if end_of_turn is not None:
-                close = text.find(end_of_turn, end)
-                if close < 0:
-                    raise ChatFormatError(
-                        f"{record_name}: assistant message {j} is not closed by the end-of-turn token "
-                        f"{end_of_turn!r} in the rendered text"
-                    )
-                end = close + len(end_of_turn)
-            spans.append((start, end))
-            cursor = end
-        else:
-            cursor = end + (len(end_of_turn) if end_of_turn and text.startswith(end_of_turn, end) else 0)
+        if msg["role"] != "assistant":
+            continue
+        span = _assistant_span(messages, j, text, prev_end, tokenizer=tokenizer, tools=tools,
+                               end_of_turn=end_of_turn, probe=probe, chat_template=chat_template,
+                               template_kwargs=template_kwargs, record_name=record_name)
+        spans.append(span)
+        prev_end = span[1]
     return text, spans
 
 
@@ -323,6 +595,16 @@ def _encode_one(ids, offsets, spans, assistant_only: bool, max_seq_length: int |
     return ids, labels, mask, n_full, n_trained_full
 
 
+def _check_tools(tools) -> list | None:
+    """The `tools` argument validated like a record's `tools` (a list of definitions, or that list as JSON)."""
+    if tools is None:
+        return None
+    try:
+        return record_tools({"tools": tools})
+    except ChatFormatError as exc:
+        raise ValueError(str(exc).replace("record: ", "the tools argument: ", 1)) from None
+
+
 def encode_chat(
     record_or_messages,
     tokenizer,
@@ -332,14 +614,18 @@ def encode_chat(
     end_of_turn: str | None = "auto",
     chat_template: str | None = None,
     messages_field: str | None = None,
+    tools: list | None = None,
     **template_kwargs: Any,
 ) -> dict:
     """Format and tokenise one record (or a message list): `{"input_ids", "labels", "assistant_masks", "text"}`.
 
-    Same rules as `tokenize_chat_dataset` (no truncation counting: lists are cut to `max_seq_length`).
+    Same rules as `tokenize_chat_dataset` (no truncation counting: lists are cut to `max_seq_length`). A record's
+    own `tools` win over the `tools` argument.
     """
+    tools = _check_tools(tools)
     if isinstance(record_or_messages, Mapping):
         messages = record_messages(record_or_messages, messages_field=messages_field)
+        tools = record_tools(record_or_messages, default=tools)
         name = _record_name(None, record_or_messages)
     else:
         messages = record_messages({"messages": record_or_messages})
@@ -347,7 +633,8 @@ def encode_chat(
     if assistant_only and not any(m["role"] == "assistant" for m in messages):
         raise ChatFormatError(f"{name} has no assistant message, so assistant-only training has nothing to learn")
     text, spans = render_with_spans(
-        messages, tokenizer, end_of_turn=end_of_turn, chat_template=chat_template, record_name=name, **template_kwargs
+        messages, tokenizer, end_of_turn=end_of_turn, chat_template=chat_template, record_name=name, tools=tools,
+        **template_kwargs,
     )
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, labels, mask, _, _ = _encode_one(
@@ -357,25 +644,29 @@ def encode_chat(
             "text": text}
 
 
-def _render_batch(batch, indices, *, tokenizer, messages_field, assistant_only, end_of_turn, chat_template,
-                  on_error, template_kwargs):
+def _render_batch(batch, indices, *, tokenizer, messages_field, assistant_only, end_of_turn, probe, chat_template,
+                  on_error, tools, template_kwargs):
     keys = list(batch.keys())
+    serialised = "_messages_json" in batch  # records given as a list: one JSON string per record
     texts, spans_out, errors = [], [], []
     for i, idx in enumerate(indices):
-        record = {k: batch[k][i] for k in keys}
-        name = record.pop("_name", None) or _record_name(idx, record)
         try:
-            try:
+            if serialised:
+                name = batch["_name"][i]
+                messages = json.loads(batch["_messages_json"][i])
+                rec_tools = json.loads(batch["_tools_json"][i])
+            else:
+                record = {k: batch[k][i] for k in keys}
+                name = _record_name(idx, record)
                 messages = record_messages(record, idx, messages_field=messages_field)
-            except ChatFormatError as exc:  # restate with the caller's record name (list input is re-indexed)
-                raise ChatFormatError(str(exc).replace(_record_name(idx, record), name, 1)) from None
+                rec_tools = record_tools(record, idx, default=tools)
             if assistant_only and not any(m["role"] == "assistant" for m in messages):
                 raise ChatFormatError(
                     f"{name} has no assistant message, so assistant-only training has nothing to learn"
                 )
             text, spans = render_with_spans(
                 messages, tokenizer, end_of_turn=end_of_turn, chat_template=chat_template, record_name=name,
-                **template_kwargs,
+                tools=rec_tools, probe=probe, **template_kwargs,
             )
             error = ""
         except ChatFormatError as exc:
@@ -412,6 +703,40 @@ def _column_numpy(ds, name: str) -> np.ndarray:
     return np.asarray(ds.data.column(name).to_numpy(zero_copy_only=False))
 
 
+# Keys whose values are free-form JSON (tool-call arguments, JSON-schema parameters): stored as Arrow structs they
+# take on every other row's keys as null.
+_FREE_FORM_KEYS = ("arguments", "parameters", "properties")
+
+
+def unified_free_form_fields(features) -> list[str]:
+    """Paths of a `datasets.Features` where a free-form JSON payload (tool-call `arguments`, tool `parameters`) is
+    stored as an Arrow struct, so every row reads back the union of all rows' keys (missing ones as null)."""
+    found: list[str] = []
+
+    def walk(feat, path: str) -> None:
+        if isinstance(feat, Mapping):
+            for key, sub in feat.items():
+                sub_path = f"{path}.{key}" if path else str(key)
+                if key in _FREE_FORM_KEYS and isinstance(sub, Mapping):
+                    found.append(sub_path)
+                else:
+                    walk(sub, sub_path)
+        elif isinstance(feat, (list, tuple)) and feat:
+            walk(feat[0], path + "[]")
+        elif getattr(feat, "feature", None) is not None:  # datasets.List / Sequence / LargeList
+            walk(feat.feature, path + "[]")
+
+    walk(features, "")
+    return found
+
+
+def _serialise(obj: Any, name: str, what: str) -> str:
+    try:
+        return json.dumps(obj, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise ChatFormatError(f"{name}: its {what} cannot be written as JSON ({exc})") from None
+
+
 def tokenize_chat_dataset(
     dataset,
     tokenizer,
@@ -423,6 +748,7 @@ def tokenize_chat_dataset(
     messages_field: str | None = None,
     end_of_turn: str | None = "auto",
     chat_template: str | None = None,
+    tools: list | None = None,
     overflow: str = "truncate",
     on_error: str = "raise",
     return_assistant_masks: bool = False,
@@ -434,7 +760,9 @@ def tokenize_chat_dataset(
     """Render, tokenise and label a chat dataset; returns a `datasets.Dataset` with `input_ids` and `labels`.
 
     Args:
-        dataset: a `datasets.Dataset` or a list of dict records (see `record_messages` for the schemas).
+        dataset: a list of dict records (see `record_messages` for the schemas; each record's nested values reach
+            the template exactly as written) or a `datasets.Dataset` (free-form payloads there should be JSON
+            strings: a warning names the columns Arrow stores as structs).
         tokenizer: a fast tokenizer with a chat template (offsets are needed for assistant-only labels).
         max_seq_length: longer records are truncated to this many tokens (`overflow="truncate"`, keeping the
             start) or removed (`overflow="drop"`); both are counted and logged. None: no limit.
@@ -442,6 +770,7 @@ def tokenize_chat_dataset(
             False trains every token.
         num_proc: worker processes for both `map` passes (None: in this process).
         end_of_turn: the string that closes an assistant turn and is trained with it; "auto" detects it.
+        tools: tool definitions passed to `apply_chat_template(tools=...)` for records without their own `tools`.
         on_error: "raise" a ChatFormatError naming the first bad record, or "skip" bad records (counted, logged).
         return_assistant_masks: also emit `assistant_masks` (1 on assistant tokens) whatever `assistant_only` is.
         keep_text: keep the rendered `text` column.
@@ -460,37 +789,51 @@ def tokenize_chat_dataset(
         )
     if getattr(tokenizer, "chat_template", None) is None and chat_template is None:
         raise ValueError("the tokenizer has no chat_template; pass chat_template=... (a Jinja template string)")
+    tools = _check_tools(tools)
     if end_of_turn == "auto":
         end_of_turn = detect_end_of_turn(tokenizer, chat_template)
         if end_of_turn is None:
             logger.warning("no end-of-turn token found after assistant content; only the content itself is trained")
+    probe = probe_chat_template(tokenizer, chat_template, tools=tools, **template_kwargs)
 
     stats = ChatTokenizeStats(max_seq_length=max_seq_length)
     if not isinstance(dataset, Dataset):
         records = list(dataset)
         stats.records_in = len(records)
-        messages, keep = [], []
+        columns: dict[str, list] = {"_messages_json": [], "_tools_json": [], "_name": []}
         reasons: Counter = Counter()
         for i, rec in enumerate(records):
+            name = _record_name(i, rec)
             try:
-                messages.append(record_messages(rec, i, messages_field=messages_field))
-                keep.append(i)
+                messages = _serialise(record_messages(rec, i, messages_field=messages_field), name, "messages")
+                rec_tools = _serialise(record_tools(rec, i, default=tools), name, "tools")
             except ChatFormatError as exc:
                 if on_error == "raise":
                     raise
                 reasons[str(exc)] += 1
-        if not messages:
-            raise ValueError(f"no usable records among {len(records)}")
-        # Normalised message dicts (all strings) give Arrow a uniform schema.
-        names = [_record_name(i, records[i]) for i in keep]
-        dataset = Dataset.from_dict({"messages": messages, "_name": names})
-        messages_field = "messages"
-        stats.skipped += len(records) - len(keep)
+                continue
+            columns["_messages_json"].append(messages)
+            columns["_tools_json"].append(rec_tools)
+            columns["_name"].append(name)
+        if not columns["_name"]:
+            first = next(iter(reasons), "")
+            raise ValueError(f"no usable records among {len(records)}; first reason: {first}")
+        # One JSON string per record: no Arrow schema is unified across records' nested values.
+        dataset = Dataset.from_dict(columns)
+        stats.skipped += len(records) - len(columns["_name"])
         stats.skip_reasons.update(reasons)
     else:
         stats.records_in = len(dataset)
         if len(dataset) == 0:
             raise ValueError("the dataset is empty")
+        unified = unified_free_form_fields(dataset.features)
+        if unified:
+            logger.warning(
+                "the dataset stores %s as Arrow structs: every row reads back the union of all rows' keys, missing "
+                "ones as null, and the chat template renders those nulls. Store such payloads as JSON strings "
+                "(json.dumps) or pass the records as a list (e.g. read_chat_records) to keep each record as written",
+                ", ".join(unified),
+            )
 
     common = {"batched": True, "batch_size": batch_size, "num_proc": num_proc}
     rendered = dataset.map(
@@ -498,8 +841,8 @@ def tokenize_chat_dataset(
         with_indices=True,
         remove_columns=dataset.column_names,
         fn_kwargs={"tokenizer": tokenizer, "messages_field": messages_field, "assistant_only": assistant_only,
-                   "end_of_turn": end_of_turn, "chat_template": chat_template, "on_error": on_error,
-                   "template_kwargs": template_kwargs},
+                   "end_of_turn": end_of_turn, "probe": probe, "chat_template": chat_template,
+                   "on_error": on_error, "tools": tools, "template_kwargs": template_kwargs},
         desc=f"{desc}: render chat template",
         **common,
     )
@@ -548,13 +891,18 @@ def tokenize_chat_dataset(
 
 
 __all__ = [
+    "CHAT_FORMAT_VERSION",
     "IGNORE_INDEX",
     "ChatFormatError",
     "ChatTokenizeStats",
+    "TemplateProbe",
     "detect_end_of_turn",
     "encode_chat",
+    "probe_chat_template",
     "record_messages",
+    "record_tools",
     "render_with_spans",
     "token_mask_from_spans",
     "tokenize_chat_dataset",
+    "unified_free_form_fields",
 ]

@@ -8,6 +8,7 @@ tests and benchmarks read them through here, so the file list lives in one place
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -39,28 +40,70 @@ def shared_chat_paths(name: str, chat_dir: str | os.PathLike | None = None) -> l
     return paths
 
 
-def read_chat_records(path: str | os.PathLike, *, progress: bool = False) -> list[dict]:
-    """The records of a JSONL file (one JSON object per non-blank line) or of a ``.json`` file holding a list;
-    ``progress`` shows a tqdm bar over the lines. A line that is not JSON raises ValueError naming file and line."""
+class ChatRecord(dict):
+    """A chat record read from a file: a plain dict that also knows where it came from.
+
+    ``source`` is ``"path:line"`` (1-based line of a JSONL file) or ``"path[i]"`` (item ``i`` of a ``.json`` list);
+    ``opensloth.data.chat`` names a bad record by it.
+    """
+
+    source: str | None = None
+
+
+def _make_record(data: dict, source: str | None) -> ChatRecord:
+    rec = ChatRecord(data)
+    rec.source = source
+    return rec
+
+
+def read_chat_records(path: str | os.PathLike, *, progress: bool = False, on_error: str = "raise") -> list[dict]:
+    """The records of a JSONL file (one JSON object per non-blank line) or of a ``.json`` file holding a list.
+
+    Each record is a ``ChatRecord`` (a dict) whose ``source`` names its file and 1-based line. Nested values are kept
+    exactly as written (no schema is imposed across records). A line that is not a JSON object raises ValueError
+    naming file and line, or with ``on_error="skip"`` is left out, counted and logged. ``progress`` shows a tqdm bar.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error={on_error!r} must be 'raise' or 'skip'")
     path = Path(path)
+    records: list[dict] = []
+    bad: list[str] = []
+
+    def add(obj, where: str, error: str | None = None) -> None:
+        if error is None and not isinstance(obj, dict):
+            error = f"is a JSON {type(obj).__name__}, expected an object (one chat record)"
+        if error is not None:
+            if on_error == "raise":
+                raise ValueError(f"{where} {error}; fix it or pass on_error='skip'")
+            bad.append(f"{where} {error}")
+            return
+        records.append(_make_record(obj, where))
+
     if path.suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, list):
             raise ValueError(f"{path} holds a JSON {type(data).__name__}; expected a list of chat records")
-        return data
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        lines = fh
-        if progress:
-            from tqdm import tqdm
+        for i, obj in enumerate(data):
+            add(obj, f"{path}[{i}]")
+    else:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh
+            if progress:
+                from tqdm import tqdm
 
-            lines = tqdm(fh, desc=f"read {path.name}", unit=" lines", leave=False)
-        for lineno, line in enumerate(lines, 1):
-            if line.strip():
+                lines = tqdm(fh, desc=f"read {path.name}", unit=" lines", leave=False)
+            for lineno, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
                 try:
-                    records.append(json.loads(line))
+                    obj = json.loads(line)
                 except ValueError as exc:
-                    raise ValueError(f"{path}:{lineno} is not valid JSON ({exc})") from None
+                    add(None, f"{path}:{lineno}", f"is not valid JSON ({exc})")
+                    continue
+                add(obj, f"{path}:{lineno}")
+    if bad:
+        logging.getLogger("opensloth").warning(
+            "%s: skipped %d invalid line(s), e.g. %s", path, len(bad), "; ".join(bad[:3]))
     return records
 
 
