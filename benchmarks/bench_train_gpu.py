@@ -141,6 +141,7 @@ class BenchConfig:
     timeout: int = 900
     unsloth_fallback: bool = False
     work_timings: bool = False
+    work_max_tokens: int = 16384
     data_info: dict = field(default_factory=dict)
 
     @property
@@ -182,6 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="leave Unsloth's varlen branch off on torch < 2.12 (its slow fallback; labelled as such)")
     p.add_argument("--work_timings", action="store_true",
                    help="also time micro-batches of controlled composition (for benchmarks/sim_scaling.py)")
+    p.add_argument("--work_max_tokens", type=int, default=16384, help="largest micro-batch of the work timings")
     p.add_argument("--write_results", action="store_true", help="write a section of benchmarks/results/gpu_train.md")
     p.add_argument("--section", default=None, help="name of that section (default: the shapes)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
@@ -227,7 +229,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         num_samples=args.num_samples, eval_samples=args.eval_samples, learning_rate=args.learning_rate,
         lora_r=args.lora_r, lora_targets=args.lora_targets, load_in_4bit=not args.no_4bit and args.backend == "unsloth",
         seed=args.seed, backend=args.backend, nproc=args.nproc, timeout=args.timeout,
-        unsloth_fallback=args.unsloth_fallback, work_timings=args.work_timings)
+        unsloth_fallback=args.unsloth_fallback, work_timings=args.work_timings, work_max_tokens=args.work_max_tokens)
 
 
 # ------------------------------------------------------------------------------------------------ preparation
@@ -577,13 +579,13 @@ def _work_timings(cfg: BenchConfig, shape: str, model, device) -> list[dict]:
     rng = np.random.default_rng(0)
     vocab = getattr(getattr(model, "config", None), "vocab_size", VOCAB)
     compositions: list[tuple[str, list[int]]] = []
-    for total in (4096, 8192, 16384):
+    for total in (t for t in (4096, 8192, 16384) if t <= cfg.work_max_tokens):
         for length in (64, 256, 1024, 4096):
             if length <= total and length <= cfg.max_seq_length:
                 compositions.append(("flat", [length] * (total // length)))
     for _ in range(6):  # mixed lengths, as real batches are
         lengths = np.minimum(cfg.max_seq_length, rng.lognormal(5.5, 0.9, size=64).astype(int) + 8)
-        lengths = lengths[np.cumsum(lengths) <= 16384]
+        lengths = lengths[np.cumsum(lengths) <= cfg.work_max_tokens]
         compositions.append(("flat", lengths.tolist()))
     for batch, length in ((8, 512), (16, 512), (8, 1024), (4, 2048)):
         compositions.append(("padded", [length] * batch))
