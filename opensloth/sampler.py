@@ -197,8 +197,11 @@ class BalancedBatchSampler:
 
     Give the dataset's per-item ``lengths`` (tokens), and optionally ``seq_lengths`` (per-item lists of packed
     sample lengths, for packed rows) or an explicit per-item ``work``; the work model turns lengths into work when
-    no ``work`` is given. ``rank=None`` yields the global plan interleaved for accelerate's sharding (what the HF
-    Trainer needs); ``rank=r`` yields only rank r's micro-batches (for a plain per-rank DataLoader).
+    no ``work`` is given. ``row_capacity`` (with ``seq_lengths``): the rows are collated padded to that many tokens
+    (opensloth.collate's rows layout, Unsloth's static rows), so each row's padding tail is computed and counts as
+    work (a segment of its own); leave it None when rows run without padding (a flat micro-batch).
+    ``rank=None`` yields the global plan interleaved for accelerate's sharding (what the HF Trainer needs);
+    ``rank=r`` yields only rank r's micro-batches (for a plain per-rank DataLoader).
 
     ``set_epoch(e)`` selects the epoch's permutation; ``set_start_step(k)`` makes the next iteration start at
     optimizer step k of the current epoch (exact resume: the same remaining batches as an uninterrupted run).
@@ -228,6 +231,7 @@ class BalancedBatchSampler:
         window_steps: int = 32,
         shuffle: bool = True,
         balance_across_steps: bool | None = None,
+        row_capacity: int | None = None,
     ) -> None:
         self.micro_batch_size = _positive_int(batch_size, "batch_size")
         self.grad_accum = _positive_int(grad_accum, "grad_accum")
@@ -247,6 +251,8 @@ class BalancedBatchSampler:
         self.balance_across_steps = bool(balance_across_steps)
         self.work_model = work_model or WorkModel()
 
+        if row_capacity is not None and seq_lengths is None:
+            raise ValueError("row_capacity applies to packed rows: give seq_lengths (per-row sample lengths) too")
         if seq_lengths is not None:
             rows = [np.asarray(s, dtype=np.int64) for s in seq_lengths]
             if not rows:
@@ -259,6 +265,14 @@ class BalancedBatchSampler:
             else:
                 lengths = row_tokens
             default_work = self.work_model.row_work(rows)
+            if row_capacity is not None:
+                # Rows collated to a fixed capacity compute their padding tail too (a segment of its own).
+                capacity = _positive_int(row_capacity, "row_capacity")
+                if row_tokens.max() > capacity:
+                    i = int(np.argmax(row_tokens > capacity))
+                    raise ValueError(f"seq_lengths[{i}] sums to {int(row_tokens[i])} tokens, above row_capacity = "
+                                     f"{capacity}; give the capacity the rows were packed to")
+                default_work = default_work + self.work_model.sample_work(capacity - row_tokens)
         elif lengths is not None:
             lengths = _as_lengths(lengths, "lengths")
             default_work = self.work_model.sample_work(lengths)

@@ -218,6 +218,20 @@ def test_work_model():
     assert derived.attn_tokens == pytest.approx(2 * (4096 + 4096 + 4096 + 24576) / 128)
 
 
+def test_row_capacity_counts_the_padding_tail_as_work():
+    rows = [[100, 200, 700], [1000], [50], [300, 300]]  # capacity 1000: one full, one 5% full
+    wm = WorkModel(attn_tokens=1000)
+    s = BalancedBatchSampler(seq_lengths=rows, batch_size=1, world_size=2, row_capacity=1000, work_model=wm)
+    # a row's work: its segments, plus its tail as a segment of its own (computed by the padded collation)
+    expected = [wm.batch_work(r) for r in ([100, 200, 700], [1000], [50, 950], [300, 300, 400])]
+    assert s.work.tolist() == pytest.approx(expected)
+    assert s.work[2] > 0.9 * s.work[1] > BalancedBatchSampler(seq_lengths=rows, batch_size=1, work_model=wm).work[2]
+    with pytest.raises(ValueError, match=r"seq_lengths\[0\] sums to 1000 tokens, above row_capacity = 999"):
+        BalancedBatchSampler(seq_lengths=rows, batch_size=1, row_capacity=999)
+    with pytest.raises(ValueError, match="row_capacity applies to packed rows"):
+        BalancedBatchSampler([5, 6], batch_size=1, row_capacity=10)
+
+
 def _packed_rows(lengths, capacity):
     from opensloth.packing import pack_lengths
 
