@@ -38,10 +38,9 @@ def _timings(sim, attn_tokens=None, padded=True) -> dict:
                         "ms": _true_ms(sim, lengths, 0, "flat")})
         if not padded:
             continue
-        width = max(lengths)
-        padded = width * len(lengths) - sum(lengths)
-        records.append({"shape": "small", "lengths": lengths, "padded_slots": padded, "layout": "padded",
-                        "ms": _true_ms(sim, lengths, padded, "padded")})
+        pad = max(lengths) * len(lengths) - sum(lengths)
+        records.append({"shape": "small", "lengths": lengths, "padded_slots": pad, "layout": "padded",
+                        "ms": _true_ms(sim, lengths, pad, "padded")})
     shape = {"shape": "small", "lora_param_bytes": LORA_BYTES}
     if attn_tokens is not None:
         shape["attn_tokens"] = attn_tokens
@@ -65,6 +64,8 @@ def test_refit_recovers_the_time_model_and_flags_a_wrong_work_model(sim, tmp_pat
     wrong = sim.fit_shape(_load(sim, tmp_path, _timings(sim, padded=False)), "small")
     assert wrong.work_model.attn_tokens == pytest.approx(53_248)
     assert not right.work_model_off and wrong.work_model_off and wrong.affine_errors["max"] > 0.05
+    assert right.n == wrong.n == 40
+    assert sim.fit_shape(_load(sim, tmp_path, _timings(sim)), "small").n == 80
     rows = sim.fit_table({"small": wrong})
     assert rows[0][-1] == "yes" and "5,000" in rows[0][-2]
 
