@@ -6,7 +6,8 @@ Qwen3 that the script saves to a folder under the test's temporary cache dir and
 runs once as one process (grad_accum 2) and once as two single-process torchrun "nodes" on 127.0.0.1 (``--nnodes 2
 --node_rank i --nproc_per_node 1``: each rank is LOCAL_RANK 0, so both use cuda:0; ``--ddp_backend gloo``, since
 NCCL refuses two ranks on one device) with grad_accum 1: the same global batch of 4 rows per optimizer step. Both
-ranks must train, and the per-step losses must equal the one-process run's within bf16 tolerance.
+ranks must train, and the per-step losses and the final eval loss must equal the one-process run's within bf16
+tolerance.
 
 Run it alone: ``python -m pytest tests/gpu/test_ddp_shared_gpu.py`` (skipped without CUDA or Unsloth).
 
@@ -82,3 +83,6 @@ def test_two_ranks_sharing_the_gpu_follow_the_one_process_curve(workdir, env, si
     print("per-step losses, two ranks:  ", losses)
     print("differences:", diffs)
     assert max(diffs) <= ATOL, list(zip(range(1, STEPS + 1), reference, losses))
+    # the final eval loss (token-weighted over the eval rows, each counted once) agrees too
+    assert math.isfinite(s2["final_eval_loss"])
+    assert abs(s2["final_eval_loss"] - s1["final_eval_loss"]) <= ATOL, (s1["final_eval_loss"], s2["final_eval_loss"])
