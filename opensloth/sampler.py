@@ -3,22 +3,29 @@
 Every rank computes the same plan from the dataset's lengths and the epoch seed, without talking to the others:
 the permutation comes from a seeded numpy generator and the balancing from `opensloth.packing.balance`, whose
 backends all return identical arrays. For each optimizer step every rank gets the same number of micro-batches,
-and the ranks' total work for that step is as equal as the lengths allow (within 1% on packed rows).
+and the ranks' total work for that step is as equal as the step's items allow.
 
-How a plan is built, per epoch:
+How a plan is built, per epoch (the default, ``balance_across_steps=False``):
 
-1. Permute the items with ``numpy.random.default_rng([seed, epoch])``.
-2. Cut the permutation into full steps of ``world_size x grad_accum x batch_size`` items; the remainder is dropped
-   (``drop_last=True``) or becomes one shorter last step, padded by wrapping around to the start of the permutation
-   so that every rank still gets the same number of full micro-batches (``drop_last=False``).
-3. Group the full steps into windows of ``window_steps`` consecutive steps of the permutation. Inside a window,
-   `balance` splits the items into ``window_steps x world_size`` equal-count slots (one rank's items for one step)
-   of near-equal work.
-   Then all slots of the epoch are sorted by work and consecutive groups of ``world_size`` slots
-   become the steps, so the ranks of a step hold slots of almost the same work. The steps are shuffled, and so is
-   the rank order inside each step.
-4. Inside a slot, items are sorted by length (longest first) and cut into ``grad_accum`` micro-batches of
-   ``batch_size`` items (the least padding for padded collation).
+1. Permute the items with ``numpy.random.default_rng([seed, epoch])`` (the world size plays no part).
+2. Cut the permutation into steps of ``G = world_size x grad_accum x batch_size`` items: step s trains items
+   ``G s .. G (s + 1) - 1`` of the permutation. For a fixed global batch G, every optimizer step therefore trains the
+   same samples at every world size, so one GPU (gradient accumulation) and N GPUs follow the same loss curve.
+3. Inside each step, `balance` splits the step's items into ``world_size`` equal-count parts of near-equal work
+   (one part per rank). Inside a rank's part, items are sorted by length (longest first, ties by index) and cut into
+   ``grad_accum`` micro-batches of ``batch_size`` items (the least padding for padded collation).
+4. The remainder (fewer than G items) is dropped (``drop_last=True``) or becomes one shorter last step
+   (``drop_last=False``) that holds exactly those items, split over the ranks and cut into the same number of
+   micro-batches on every rank (at most ``batch_size`` items each, sizes within one). Only when the remainder has
+   fewer items than ``world_size`` x (micro-batches needed) are a few items of the permutation's start repeated, as
+   accelerate does, so that every rank gets a non-empty micro-batch.
+
+``balance_across_steps=True`` (opt-in; or ``OPENSLOTH_BALANCE_ACROSS_STEPS=1``) balances over windows of
+``window_steps`` steps instead: the items of a window are split into equal-count slots of near-equal work, the
+epoch's slots are sorted by work and grouped ``world_size`` at a time into steps, and the steps are shuffled. Ranks
+are then balanced a little better (a step can take any of the window's items; benchmarks/results/sampler.md measures
+by how much), but **each optimizer step trains other samples than at another world size, so the loss curve changes
+with the world size**.
 
 Under the HF Trainer, accelerate shards a batch sampler by handing batch ``i`` to rank ``i % world_size``
 (``BatchSamplerShard``). With ``rank=None`` this sampler yields the global plan interleaved in exactly that order
@@ -28,6 +35,7 @@ Under the HF Trainer, accelerate shards a batch sampler by handing batch ``i`` t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -36,6 +44,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "BALANCE_ACROSS_STEPS_ENV",
     "DEFAULT_ATTN_TOKENS",
     "BalancedBatchSampler",
     "EpochPlan",
@@ -46,6 +55,9 @@ __all__ = [
 # linear FLOPs per token ~ 2 (4 h^2 + 3 h I) with GQA and I = 3.5 h, attention ~ 2 h l per token (causal).
 DEFAULT_ATTN_TOKENS = 53_248
 _COST_SCALE = 16  # balance() takes integer costs: work units of 1/16 token
+# Opt-in to balancing over windows of steps (changes each step's samples with the world size).
+BALANCE_ACROSS_STEPS_ENV = "OPENSLOTH_BALANCE_ACROSS_STEPS"
+_TRUE = ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -101,16 +113,17 @@ class WorkModel:
 
 @dataclass(frozen=True, eq=False)
 class EpochPlan:
-    """One epoch's plan as dense index arrays.
+    """One epoch's plan as index arrays.
 
     ``full[s, r, g]`` is the g-th micro-batch (``batch_size`` dataset indices) of rank r at optimizer step s, for the
-    full steps; ``last[r, g]`` is the same for the shorter last step (None without one). ``rank_work[s, r]`` is the
-    work of rank r at step s under the sampler's work model (the last step included).
+    full steps; ``last[r][g]`` is the same for the shorter last step (None without one; its micro-batches may hold
+    fewer items, see `BalancedBatchSampler`). ``rank_work[s, r]`` is the work of rank r at step s under the sampler's
+    work model (the last step included).
     """
 
     epoch: int
     full: np.ndarray  # (steps, world, grad_accum, batch_size) int64
-    last: np.ndarray | None  # (world, m, batch_size) int64
+    last: list[list[np.ndarray]] | None  # [world][m] int64 arrays of 1..batch_size items
     rank_work: np.ndarray  # (num_steps, world) float64
 
     @property
@@ -124,26 +137,34 @@ class EpochPlan:
     @property
     def steps(self) -> list[list[list[np.ndarray]]]:
         """``steps[s][r]``: rank r's micro-batches (index arrays) at step s."""
-        blocks = list(self.full) + ([self.last] if self.last is not None else [])
-        return [[list(rank) for rank in step] for step in blocks]
-
-    def _blocks(self, start_step: int):
-        """(array of shape (steps, world, batches, batch_size)) pieces from ``start_step`` on."""
-        n_full = self.full.shape[0]
-        out = [self.full[start_step:]] if start_step < n_full else []
-        if self.last is not None and start_step <= n_full:
-            out.append(self.last[None])
+        out = [[list(rank) for rank in step] for step in self.full]
+        if self.last is not None:
+            out.append([list(rank) for rank in self.last])
         return out
+
+    def step_items(self, step: int) -> np.ndarray:
+        """The dataset indices step ``step`` trains, over all ranks, sorted (the step's sample set)."""
+        if step < self.full.shape[0]:
+            return np.sort(self.full[step].reshape(-1))
+        if self.last is not None and step == self.full.shape[0]:
+            return np.sort(np.concatenate([mb for rank in self.last for mb in rank]))
+        raise IndexError(f"step {step} is out of range: the plan has {self.num_steps} steps")
 
     def rank_batches(self, rank: int, start_step: int = 0) -> list[np.ndarray]:
         """Rank ``rank``'s micro-batches in order, from optimizer step ``start_step``."""
-        return [mb for block in self._blocks(start_step) for mb in block[:, rank].reshape(-1, block.shape[-1])]
+        out = list(self.full[start_step:, rank].reshape(-1, self.full.shape[-1]))
+        if self.last is not None and start_step <= self.full.shape[0]:
+            out.extend(self.last[rank])
+        return out
 
     def global_batches(self, start_step: int = 0) -> list[np.ndarray]:
         """All micro-batches interleaved the way accelerate's BatchSamplerShard deals them (batch i to rank i % W):
         step by step, micro-batch by micro-batch, rank by rank."""
-        return [mb for block in self._blocks(start_step)
-                for mb in block.transpose(0, 2, 1, 3).reshape(-1, block.shape[-1])]
+        full = self.full[start_step:]
+        out = list(full.transpose(0, 2, 1, 3).reshape(-1, full.shape[-1]))
+        if self.last is not None and start_step <= self.full.shape[0]:
+            out.extend(rank[g] for g in range(len(self.last[0])) for rank in self.last)
+        return out
 
     def max_over_mean(self) -> np.ndarray:
         """Per step: the busiest rank's work over the mean rank work (1.0 = perfectly balanced)."""
@@ -176,13 +197,22 @@ class BalancedBatchSampler:
 
     Give the dataset's per-item ``lengths`` (tokens), and optionally ``seq_lengths`` (per-item lists of packed
     sample lengths, for packed rows) or an explicit per-item ``work``; the work model turns lengths into work when
-    no ``work`` is given. ``rank=None`` yields the global plan interleaved for accelerate's sharding (what the HF
-    Trainer needs); ``rank=r`` yields only rank r's micro-batches (for a plain per-rank DataLoader).
+    no ``work`` is given. ``row_capacity`` (with ``seq_lengths``): the rows are collated padded to that many tokens
+    (opensloth.collate's rows layout, Unsloth's static rows), so each row's padding tail is computed and counts as
+    work (a segment of its own); leave it None when rows run without padding (a flat micro-batch).
+    ``rank=None`` yields the global plan interleaved for accelerate's sharding (what the HF Trainer needs);
+    ``rank=r`` yields only rank r's micro-batches (for a plain per-rank DataLoader).
 
     ``set_epoch(e)`` selects the epoch's permutation; ``set_start_step(k)`` makes the next iteration start at
     optimizer step k of the current epoch (exact resume: the same remaining batches as an uninterrupted run).
-    ``drop_last=True`` drops the items that do not fill a whole step; ``drop_last=False`` adds one shorter last step,
-    wrapping around to repeat a few items, so every rank still gets the same number of micro-batches.
+    ``drop_last=True`` drops the items that do not fill a whole step; ``drop_last=False`` adds one shorter last step
+    with the same number of micro-batches on every rank (see the module docstring).
+
+    Each optimizer step trains the same items whatever the world size (for a fixed world_size x grad_accum x
+    batch_size): only their split over ranks and micro-batches changes. ``balance_across_steps=True`` (or, when the
+    argument is left None, ``OPENSLOTH_BALANCE_ACROSS_STEPS=1`` in the environment) is the opt-in that balances over
+    windows of ``window_steps`` steps instead, which changes which items each step trains, and so the loss curve,
+    with the world size.
     """
 
     def __init__(
@@ -200,6 +230,8 @@ class BalancedBatchSampler:
         work_model: WorkModel | None = None,
         window_steps: int = 32,
         shuffle: bool = True,
+        balance_across_steps: bool | None = None,
+        row_capacity: int | None = None,
     ) -> None:
         self.micro_batch_size = _positive_int(batch_size, "batch_size")
         self.grad_accum = _positive_int(grad_accum, "grad_accum")
@@ -214,8 +246,13 @@ class BalancedBatchSampler:
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.shuffle = bool(shuffle)
+        if balance_across_steps is None:
+            balance_across_steps = os.environ.get(BALANCE_ACROSS_STEPS_ENV, "0").strip().lower() in _TRUE
+        self.balance_across_steps = bool(balance_across_steps)
         self.work_model = work_model or WorkModel()
 
+        if row_capacity is not None and seq_lengths is None:
+            raise ValueError("row_capacity applies to packed rows: give seq_lengths (per-row sample lengths) too")
         if seq_lengths is not None:
             rows = [np.asarray(s, dtype=np.int64) for s in seq_lengths]
             if not rows:
@@ -228,6 +265,14 @@ class BalancedBatchSampler:
             else:
                 lengths = row_tokens
             default_work = self.work_model.row_work(rows)
+            if row_capacity is not None:
+                # Rows collated to a fixed capacity compute their padding tail too (a segment of its own).
+                capacity = _positive_int(row_capacity, "row_capacity")
+                if row_tokens.max() > capacity:
+                    i = int(np.argmax(row_tokens > capacity))
+                    raise ValueError(f"seq_lengths[{i}] sums to {int(row_tokens[i])} tokens, above row_capacity = "
+                                     f"{capacity}; give the capacity the rows were packed to")
+                default_work = default_work + self.work_model.sample_work(capacity - row_tokens)
         elif lengths is not None:
             lengths = _as_lengths(lengths, "lengths")
             default_work = self.work_model.sample_work(lengths)
@@ -331,9 +376,47 @@ class BalancedBatchSampler:
 
         rng = np.random.default_rng([self.seed, epoch])
         n, world, per_step = self.num_items, self.world_size, self.items_per_step
-        per_slot = self.grad_accum * self.micro_batch_size
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         full_steps = n // per_step
+        if self.balance_across_steps:
+            full = self._mixed_steps(order, full_steps, rng, balance)
+        else:
+            full = np.empty((full_steps, world, self.grad_accum * self.micro_batch_size), dtype=np.int64)
+            for s in range(full_steps):
+                full[s] = self._slots(order[s * per_step : (s + 1) * per_step], world, balance)
+            full = self._longest_first(full)
+        full = full.reshape(full_steps, world, self.grad_accum, self.micro_batch_size)
+        last = self._last_step(order, full_steps * per_step, balance)
+        rank_work = self.work[full].sum(axis=(2, 3))
+        if last is not None:
+            last_work = [sum(float(self.work[mb].sum()) for mb in rank) for rank in last]
+            rank_work = np.concatenate([rank_work, np.asarray([last_work], dtype=np.float64)])
+        return EpochPlan(epoch=epoch, full=full, last=last, rank_work=rank_work)
+
+    def _last_step(self, order: np.ndarray, start: int, balance) -> list[list[np.ndarray]] | None:
+        """The shorter last step (drop_last=False): exactly the remaining items when each rank can get ``batches``
+        non-empty micro-batches of them, else topped up from the permutation's start; None without a last step."""
+        batches = self._last_step_batches()
+        if not batches:
+            return None
+        world = self.world_size
+        items = order[start:]
+        if len(items) < world * batches:
+            items = np.concatenate([items, np.resize(order, world * batches - len(items))])
+        parts = [np.arange(len(items))] if world == 1 else \
+            balance(self._costs[items], world, equal_count=True)
+        last = []
+        for part in parts:
+            rank_items = items[part]
+            rank_items = rank_items[np.lexsort((rank_items, -self.lengths[rank_items]))]
+            last.append(np.array_split(rank_items, batches))
+        return last
+
+    def _mixed_steps(self, order: np.ndarray, full_steps: int, rng, balance) -> np.ndarray:
+        """balance_across_steps: (steps, world, per_slot) slots balanced over windows of steps (changes which items
+        each step trains)."""
+        world, per_step = self.world_size, self.items_per_step
+        per_slot = self.grad_accum * self.micro_batch_size
         # Slots: one rank's items for one step, of near-equal work inside each window of steps.
         slots = np.empty((full_steps * world, per_slot), dtype=np.int64)
         for start in range(0, full_steps, self.window_steps):
@@ -343,20 +426,12 @@ class BalancedBatchSampler:
         # Steps: the slots sorted by work, W at a time, so the ranks of a step get slots of almost equal work
         # (this also pairs the few light slots, e.g. a packing's last, partly filled row, with each other).
         by_work = np.argsort(self._costs[slots].sum(axis=1), kind="stable")
-        full = slots[by_work].reshape(full_steps, world, per_slot)
-        full = self._deal(full, rng).reshape(full_steps, world, self.grad_accum, self.micro_batch_size)
-        last = None
-        batches = self._last_step_batches()
-        if batches:
-            rest = order[full_steps * per_step :]
-            need = batches * world * self.micro_batch_size
-            items = np.concatenate([rest, np.resize(order, need - len(rest))])
-            last = self._deal(self._slots(items, world, balance)[None], rng)
-            last = last.reshape(world, batches, self.micro_batch_size)
-        rank_work = self.work[full].sum(axis=(2, 3))
-        if last is not None:
-            rank_work = np.concatenate([rank_work, self.work[last].sum(axis=(1, 2))[None]])
-        return EpochPlan(epoch=epoch, full=full, last=last, rank_work=rank_work)
+        steps = slots[by_work].reshape(full_steps, world, per_slot)
+        if self.shuffle:
+            steps = steps[rng.permutation(steps.shape[0])]
+            ranks = np.argsort(rng.random(steps.shape[:2]), axis=1)
+            steps = np.take_along_axis(steps, ranks[:, :, None], axis=1)
+        return self._longest_first(steps)
 
     def _slots(self, items: np.ndarray, n_slots: int, balance) -> np.ndarray:
         """(n_slots, len(items) // n_slots) equal-count groups of near-equal work."""
@@ -366,15 +441,11 @@ class BalancedBatchSampler:
             return items[:, None]
         return np.stack([items[part] for part in balance(self._costs[items], n_slots, equal_count=True)])
 
-    def _deal(self, steps: np.ndarray, rng) -> np.ndarray:
-        """Shuffle the steps and the ranks inside each step; order each slot longest first (ties by index), so
-        that cutting it into consecutive micro-batches pads the least."""
-        if self.shuffle:
-            steps = steps[rng.permutation(steps.shape[0])]
-            ranks = np.argsort(rng.random(steps.shape[:2]), axis=1)
-            steps = np.take_along_axis(steps, ranks[:, :, None], axis=1)
-        within = np.lexsort((steps, -self.lengths[steps]), axis=-1)
-        return np.take_along_axis(steps, within, axis=-1)
+    def _longest_first(self, slots: np.ndarray) -> np.ndarray:
+        """Each slot's items longest first (ties by index), so that cutting a slot into consecutive micro-batches
+        pads the least."""
+        within = np.lexsort((slots, -self.lengths[slots]), axis=-1)
+        return np.take_along_axis(slots, within, axis=-1)
 
     # -- iteration ----------------------------------------------------------------------------------------------
 
@@ -388,4 +459,5 @@ class BalancedBatchSampler:
     def __repr__(self) -> str:
         return (f"BalancedBatchSampler(items={self.num_items}, batch_size={self.micro_batch_size}, "
                 f"grad_accum={self.grad_accum}, world_size={self.world_size}, rank={self.rank}, "
-                f"steps={self.num_steps}, drop_last={self.drop_last})")
+                f"steps={self.num_steps}, drop_last={self.drop_last}, "
+                f"balance_across_steps={self.balance_across_steps})")

@@ -106,7 +106,7 @@ def test_single_process_cpu_device_twice_logs_once(fresh):
 
     assert loss_scaling_status(fresh) == "patched"
     hooks = fresh._opensloth_pre_train_hooks
-    assert len(hooks) == len(set(hooks)) == 2  # balanced sampler + step figures, each once
+    assert len(hooks) == len(set(hooks)) == 3  # balanced sampler, step figures, token-weighted eval: each once
 
 
 def test_torchrun_like_cpu_env_selects_gloo_and_does_not_block(fresh, monkeypatch):

@@ -42,8 +42,12 @@ class RunError(RuntimeError):
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str, str]]:
     """Parse and validate the flags; an invalid value exits with an argparse error naming the flag."""
     parser = build_parser(prog="train_configurable.py", description=__doc__)
+    parser.add_argument("--ddp_backend", choices=("auto", "nccl", "gloo"), default="auto",
+                        help="torch.distributed backend under torchrun: 'auto' (nccl on CUDA, gloo on CPU), or force "
+                             "one; gloo lets several ranks share one GPU (NCCL refuses two ranks on one device)")
     namespace = parser.parse_args(argv)
     config, sources = resolve_config(namespace)
+    config.ddp_backend = namespace.ddp_backend  # a script-level flag, not a TrainConfig field
     problems = config.problems(sources)
     if config.preset is not None and sources.get("model_name") == "flag":
         problems.insert(0, ("--model_name", f"conflicts with --preset {config.preset}, which builds its own model; "
@@ -253,8 +257,10 @@ def _add_peft(config: TrainConfig, model, targets: list[str]):
     if config.lora_r == 0:
         return model
     check_lora_targets(model, targets, config.lora_r)
+    import torch
     from peft import LoraConfig, get_peft_model
 
+    torch.manual_seed(config.seed)  # the LoRA A matrices are drawn from torch's RNG: --seed fixes them
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
@@ -488,6 +494,11 @@ def make_training_args(config: TrainConfig, world_size: int, backend: str):
     )
     if world_size > 1:
         kwargs["ddp_find_unused_parameters"] = False
+    if getattr(config, "ddp_backend", "auto") != "auto":
+        if config.ddp_backend == "nccl" and not cuda:
+            raise RunError("--ddp_backend nccl needs CUDA GPUs and none is visible; use --ddp_backend gloo or auto")
+        if world_size > 1:  # one process has no process group to give a backend
+            kwargs["ddp_backend"] = config.ddp_backend
     return SFTConfig(**kwargs)
 
 

@@ -29,8 +29,8 @@ _EXPORTS = {
     ),
     "packed": ("PackingStats", "build_packed_dataset", "packing_stats"),
     "shared": (
-        "SHARED_CHAT_FILES", "ChatRecord", "chat_template_token_ids", "read_chat_records", "read_shared_chat", "shared_chat_paths",
-        "shared_data_dir",
+        "SHARED_CHAT_FILES", "ChatRecord", "chat_template_token_ids", "read_chat_records", "read_shared_chat",
+        "shared_chat_paths", "shared_data_dir",
     ),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -133,7 +133,8 @@ def default_find_unused_parameters() -> str:
 
 
 def ddp_patch(
-    *, balance_ranks: bool = True, step_figures: bool = True, log_level: int | str | None = None
+    *, balance_ranks: bool = True, step_figures: bool = True, token_weighted_eval: bool = True,
+    log_level: int | str | None = None,
 ) -> torch.device:
     """Prepare this process for DDP training under torchrun (or a plain single-process run); returns its device.
 
@@ -143,7 +144,10 @@ def ddp_patch(
     rank, device and world size once per rank. Applies the out-of-place loss-scaling fix, the
     ``ddp_find_unused_parameters=False`` default (world size > 1), with ``balance_ranks`` the rank-balanced sampler at
     train time (`opensloth.patching.dataloader`), and with ``step_figures`` the per-step throughput and balance
-    figures in the Trainer's logs (`opensloth.metrics`). Imports no Unsloth; safe to call twice.
+    figures in the Trainer's logs (`opensloth.metrics`), and with ``token_weighted_eval`` an eval loss that is the
+    token-weighted mean over the whole eval set at any world size and eval batch size
+    (`opensloth.patching.sft_trainer.install_token_weighted_eval`; from the first ``train()`` on, or call it on a
+    trainer that evaluates before training). Imports no Unsloth; safe to call twice.
     """
     global _state
     env = read_dist_env()
@@ -170,6 +174,8 @@ def ddp_patch(
         add_pre_train_hook(maybe_install_balanced_sampler)
     if step_figures:
         add_pre_train_hook(_attach_step_figures)
+    if token_weighted_eval:
+        add_pre_train_hook(_install_token_weighted_eval)
     return device
 
 
@@ -177,3 +183,9 @@ def _attach_step_figures(trainer: Any) -> None:
     from opensloth.metrics import attach_step_figures
 
     attach_step_figures(trainer)
+
+
+def _install_token_weighted_eval(trainer: Any) -> None:
+    from opensloth.patching.sft_trainer import install_token_weighted_eval
+
+    install_token_weighted_eval(trainer)

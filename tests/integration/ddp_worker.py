@@ -142,7 +142,10 @@ def main(out_dir: str) -> None:
             windows.append(None if stats is None else [stats.layout, stats.changed, stats.slots_before,
                                                        stats.slots])
 
-    data = make_samples(24, seed=5, lengths=[int(x) for x in np.random.default_rng(2).integers(2, 48, 24)])
+    # Three long samples among short ones: a rank's window holding a long one re-cuts to fewer padded slots (the long
+    # one alone in its micro-batch).
+    lengths = [60, 55, 50] + [int(x) for x in np.random.default_rng(2).integers(2, 12, 21)]
+    data = make_samples(24, seed=5, lengths=lengths)
     args = training_args(out / "after", gradient_accumulation_steps=2, max_steps=3, logging_steps=1,
                          logging_strategy="steps", learning_rate=1e-3, data_seed=11)
     trainer = Trainer(model=lora_model(), args=args, train_dataset=data, data_collator=collate,

@@ -1,0 +1,81 @@
+"""Launch train_scripts/train_configurable.py as one process, or as two single-process torchrun "nodes" on this
+machine (``--nnodes 2 --node_rank i --nproc_per_node 1`` on 127.0.0.1: each rank has LOCAL_RANK 0, so two ranks
+can share one GPU with the gloo backend), and read the per-step losses a run logged.
+
+Used by tests/integration/test_train_shared_launch.py (CPU, hf backend) and tests/gpu/test_ddp_shared_gpu.py
+(Unsloth on the GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "train_scripts" / "train_configurable.py"
+_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+              "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+               PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(extra)
+    return env
+
+
+def _check(procs: list[tuple[list[str], subprocess.CompletedProcess]]) -> list[subprocess.CompletedProcess]:
+    for cmd, out in procs:
+        if out.returncode != 0:
+            raise AssertionError(f"exit {out.returncode}: {' '.join(cmd)}\n--- stdout\n{out.stdout[-4000:]}\n"
+                                 f"--- stderr\n{out.stderr[-8000:]}")
+    return [out for _, out in procs]
+
+
+def run_one_process(args: list[str], cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(SCRIPT)] + args
+    return _check([(cmd, subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout))])[0]
+
+
+def run_two_nodes(args: list[str], cwd: Path, env: dict, timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Both "nodes" of a 2-rank run, launched together; returns their completed processes (rank 0 first)."""
+    port = free_port()
+    cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(i),
+             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), str(SCRIPT)] + args
+            for i in range(2)]
+    procs = [subprocess.Popen(c, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in cmds]
+    done = []
+    try:
+        for cmd, p in zip(cmds, procs):
+            out, err = p.communicate(timeout=timeout)
+            done.append((cmd, subprocess.CompletedProcess(cmd, p.returncode, out, err)))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return _check(done)
+
+
+def step_losses(output_dir: Path, steps: int) -> list[float]:
+    """The training loss logged at every optimizer step (from checkpoint-<steps>/trainer_state.json)."""
+    state = json.loads((Path(output_dir) / f"checkpoint-{steps}" / "trainer_state.json").read_text())
+    losses = {int(h["step"]): float(h["loss"]) for h in state["log_history"] if "loss" in h}
+    assert sorted(losses) == list(range(1, steps + 1)), f"logged steps {sorted(losses)}, expected 1..{steps}"
+    return [losses[s] for s in range(1, steps + 1)]
+
+
+def summary(output_dir: Path) -> dict:
+    return json.loads((Path(output_dir) / "run_summary.json").read_text())
