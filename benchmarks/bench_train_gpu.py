@@ -36,7 +36,7 @@ model FLOPs per real token = 4 N (N the matmul weights of the blocks plus the LM
 backward; LoRA's own matmuls add 6 per LoRA weight) + 12 x layers x heads x head_dim x (causal pairs per token of
 the training samples), the convention of ``unsloth/utils/mfu.py`` (recompute excluded), over the bf16 dense peak
 (989 TFLOP/s for H100 and H200 SXM). ``--work_timings`` adds timings of micro-batches of controlled composition
-(for the scaling simulation of ``benchmarks/sim_scaling.py``). ``--write_results`` writes
+(``SHAPE_work_timings.json``, the input of ``benchmarks/sim_scaling.py``). ``--write_results`` writes
 benchmarks/results/gpu_train.md (one section per shape group).
 """
 
@@ -588,7 +588,8 @@ def _work_timings(cfg: BenchConfig, shape: str, model, device) -> list[dict]:
         lengths = lengths[np.cumsum(lengths) <= cfg.work_max_tokens]
         compositions.append(("flat", lengths.tolist()))
     for batch, length in ((8, 512), (16, 512), (8, 1024), (4, 2048)):
-        compositions.append(("padded", [length] * batch))
+        if batch * length <= cfg.work_max_tokens and length <= cfg.max_seq_length:
+            compositions.append(("padded", [length] * batch))
     out = []
     model.train()
     for layout, lengths in compositions:
@@ -688,9 +689,15 @@ def _run_shape_here(cfg: BenchConfig, shape: str) -> None:
         if rank == 0:
             Path(f"{out_prefix}.json").write_text(json.dumps(results, indent=1))
     if cfg.work_timings and rank == 0:
+        from opensloth.sampler import WorkModel
+
         timings = _work_timings(cfg, shape, model, device)
-        meta = {"shape": shape, "lora_param_bytes": 4 * lora_params, "gpu": gpu}
-        Path(f"{out_prefix}_work_timings.json").write_text(json.dumps({"meta": meta, "timings": timings}, indent=1))
+        meta = {"shape": shape, "lora_param_bytes": 4 * lora_params,
+                "attn_tokens": WorkModel.for_config(getattr(model.config, "text_config", None) or model.config)
+                .attn_tokens}
+        source = f"{gpu}; {varlen}; benchmarks/bench_train_gpu.py --work_timings"
+        Path(f"{out_prefix}_work_timings.json").write_text(
+            json.dumps({"source": source, "records": timings, "shapes": [meta]}, indent=1))  # sim_scaling.py's input
         say(f"[bench] {shape}: {len(timings)} work timings written")
     del model, tokenizer, trainable
     gc.collect()

@@ -503,7 +503,7 @@ def make_training_args(config: TrainConfig, world_size: int, backend: str):
 
 
 def build_trainer(config: TrainConfig, model, tokenizer, train_dataset, eval_dataset, training_args, backend: str,
-                  collator=None):
+                  wiring):
     from opensloth.patching.sft_trainer import sft_trainer_class
 
     trainer_cls = sft_trainer_class()
@@ -515,12 +515,13 @@ def build_trainer(config: TrainConfig, model, tokenizer, train_dataset, eval_dat
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=collator if collator is not None else wire_collator(config, model, tokenizer, backend).collator,
+        data_collator=wiring.collator,
     )
     if config.packing == "balanced":
         from opensloth.patching.dataloader import use_balanced_sampler
 
-        use_balanced_sampler(trainer)
+        # rows padded to capacity (the hf rows layout) count their padding as work; flat rows have none
+        use_balanced_sampler(trainer, row_capacity=config.max_seq_length if wiring.layout == "rows" else None)
     from opensloth.metrics import attach_step_figures
 
     attach_step_figures(trainer)  # observes batches only: tokens/s/GPU, real-token fraction, rank balance
@@ -685,8 +686,7 @@ def run(config: TrainConfig, sources: dict[str, str]) -> dict:
         f"{'rows' if config.packing in ('packed', 'balanced') else 'samples'}"
         + (f", {len(eval_dataset)} evaluation" if eval_dataset is not None else ", no evaluation"))
 
-    trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset, training_args, backend,
-                            wiring.collator)
+    trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset, training_args, backend, wiring)
     if config.debug_dataloader and is_main_process():
         write_debug_pages(trainer, train_dataset, config, world_size)
     resume = _resume_path(config, training_args.output_dir)

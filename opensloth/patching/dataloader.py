@@ -118,13 +118,18 @@ def use_balanced_sampler(
     seq_lengths: Any = None,
     work_model: WorkModel | None = None,
     window_steps: int = 32,
+    row_capacity: int | None = None,
+    balance_across_steps: bool | None = None,
 ) -> BalancedBatchSampler:
     """Train ``trainer`` with a `BalancedBatchSampler` (replaces ``get_train_dataloader`` on the instance).
 
     Lengths come from the training dataset unless given (read once, here). The sampler takes the trainer's
     micro-batch size, gradient accumulation, world size, seed (``data_seed`` if set) and ``dataloader_drop_last``
     each time the dataloader is built; the one in use is ``trainer._opensloth_sampler``, and the one built now is
-    returned. Raises ValueError when the dataset's lengths cannot be read or the dataset is too small for one step.
+    returned. ``row_capacity``: the collator pads packed rows to this width (the rows layout), so a row's padding is
+    work too; leave None for flat micro-batches. ``balance_across_steps``: the sampler's opt-in that changes which
+    samples each step trains (None: ``OPENSLOTH_BALANCE_ACROSS_STEPS``). Raises ValueError when the dataset's
+    lengths cannot be read or the dataset is too small for one step.
     """
     args = trainer.args
     if lengths is None and seq_lengths is None:
@@ -152,6 +157,8 @@ def use_balanced_sampler(
             drop_last=targs.dataloader_drop_last,
             work_model=work_model,
             window_steps=window_steps,
+            row_capacity=row_capacity if seq_lengths is not None else None,
+            balance_across_steps=balance_across_steps,
         )
 
     def get_train_dataloader(self):
