@@ -52,7 +52,7 @@ body { font-family: system-ui, sans-serif; margin: 16px; background: #fff; color
 table.summary { border-collapse: collapse; margin: 8px 0 16px; }
 table.summary th, table.summary td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 .legend { line-height: 2; }
-.legend > span { margin-right: 14px; white-space: nowrap; }
+.legend > span { display: inline-block; margin-right: 14px; }
 .legend .key { font-family: ui-monospace, monospace; font-size: 13px; padding: 0 3px; }
 .row { margin: 14px 0; border-top: 2px solid #888; padding-top: 6px; }
 .row h2 { font-size: 15px; margin: 4px 0; }
@@ -347,16 +347,16 @@ def _render_row(r: int, ids, labels, pad, lengths, special_ids, tokenizer, max_t
 
 _LEGEND = (
     "<p class='legend'>"
-    "<span><span class='key tr'>text</span> trained token (label \u2260 -100)</span>"
-    "<span><span class='key ms'>text</span> masked token (label = -100: prompt, system, tool output)</span>"
-    "<span><span class='key pd'>155 pad tokens</span> a run of padding</span>"
-    "<span><span class='key ms sp'>&lt;|im_end|&gt;</span> bold: special token</span>"
-    "<span><span class='key ms'>ab</span><span class='key ms sep'>cd</span> thin line: token boundary</span>"
-    "<span><span class='bnd'>\u27e6k</span> sample k begins</span>"
+    "<span><span class='key tr'>text</span> trained token (label \u2260 -100)</span> "
+    "<span><span class='key ms'>text</span> masked token (label = -100: prompt, system, tool output)</span> "
+    "<span><span class='key pd'>155 pad tokens</span> a run of padding</span> "
+    "<span><span class='key ms sp'>&lt;|im_end|&gt;</span> bold: special token</span> "
+    "<span><span class='key ms'>ab</span><span class='key ms sep'>cd</span> thin line: token boundary</span> "
+    "<span><span class='bnd'>\u27e6k</span> sample k begins</span> "
     "<span><span class='key ms u1'>sample 0</span> <span class='key ms u2'>sample 1</span> underline: blue and "
-    "orange alternate between consecutive samples of a row</span>"
-    "<span><span class='key ms tc'>call</span> dashed outline: inside a tool call</span>"
-    "<span><span class='key ms tres'>result</span> dotted outline: inside a tool result</span>"
+    "orange alternate between consecutive samples of a row</span> "
+    "<span><span class='key ms tc'>call</span> dashed outline: inside a tool call</span> "
+    "<span><span class='key ms tres'>result</span> dotted outline: inside a tool result</span> "
     "<span>hover a token: its position, id and label</span></p>\n"
 )
 
@@ -438,7 +438,7 @@ def render_batch_html(
         f"<title>{safe_title}</title><style>{_CSS}</style></head><body>\n"
         f"<h1>{safe_title}</h1>\n"
         + (f"<p class='note'>{html.escape(note)}</p>\n" if note else "")
-        + f"<p>{n_rows} rows \u00d7 {width} tokens; {totals['samples']} samples (boundaries from "
+        + f"<p>{n_rows} row{'s' if n_rows != 1 else ''} \u00d7 {width} tokens; {totals['samples']} samples (boundaries from "
         f"<code>{html.escape(source)}</code>); {totals['trained']} trained, {totals['masked']} masked, "
         f"{totals['padding']} padding; fill {100 * summary['fill']:.1f}%"
         + (f"; {totals['tool_call']} tokens in tool calls, {totals['tool_result']} in tool results"
