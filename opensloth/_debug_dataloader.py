@@ -438,9 +438,9 @@ def render_batch_html(
         f"<title>{safe_title}</title><style>{_CSS}</style></head><body>\n"
         f"<h1>{safe_title}</h1>\n"
         + (f"<p class='note'>{html.escape(note)}</p>\n" if note else "")
-        + f"<p>{n_rows} row{'s' if n_rows != 1 else ''} \u00d7 {width} tokens; {totals['samples']} samples (boundaries from "
-        f"<code>{html.escape(source)}</code>); {totals['trained']} trained, {totals['masked']} masked, "
-        f"{totals['padding']} padding; fill {100 * summary['fill']:.1f}%"
+        + f"<p>{n_rows} row{'s' if n_rows != 1 else ''} \u00d7 {width} tokens; {totals['samples']} samples "
+        f"(boundaries from <code>{html.escape(source)}</code>); {totals['trained']} trained, "
+        f"{totals['masked']} masked, {totals['padding']} padding; fill {100 * summary['fill']:.1f}%"
         + (f"; {totals['tool_call']} tokens in tool calls, {totals['tool_result']} in tool results"
            if totals["tool_call"] or totals["tool_result"] else "") + ".</p>\n"
         + _LEGEND

@@ -19,8 +19,8 @@ import importlib
 _EXPORTS = {
     "chat": (
         "CHAT_FORMAT_VERSION", "IGNORE_INDEX", "ChatFormatError", "ChatTokenizeStats", "NothingToTrainError",
-        "detect_end_of_turn", "encode_chat", "probe_chat_template", "record_messages", "record_tools", "render_with_spans",
-        "token_mask_from_spans", "tokenize_chat_dataset", "unified_free_form_fields",
+        "detect_end_of_turn", "encode_chat", "probe_chat_template", "record_messages", "record_tools",
+        "render_with_spans", "token_mask_from_spans", "tokenize_chat_dataset", "unified_free_form_fields",
     ),
     "cache": (
         "CacheBuildError", "CacheConfig", "atomic_save_datasets", "cache_dataset_wrapper", "dataset_fingerprint",
@@ -29,8 +29,8 @@ _EXPORTS = {
     ),
     "packed": ("PackingStats", "build_packed_dataset", "packing_stats"),
     "shared": (
-        "SHARED_CHAT_FILES", "ChatRecord", "chat_template_token_ids", "read_chat_records", "read_shared_chat", "shared_chat_paths",
-        "shared_data_dir",
+        "SHARED_CHAT_FILES", "ChatRecord", "chat_template_token_ids", "read_chat_records", "read_shared_chat",
+        "shared_chat_paths", "shared_data_dir",
     ),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -4,8 +4,9 @@ Pipeline (both steps are `Dataset.map(batched=True, num_proc=..., remove_columns
 
 1. Render: each record's conversation (`messages` in the OpenAI / Hugging Face schema, with `tool_calls` and `tool`
    turns and a per-record `tools` list; Capybara's `conversation` of input/output pairs; ShareGPT's `conversations`
-   of from/value turns; TRL's `prompt` + `completion`, whose prompt is not trained) is validated and rendered with `tokenizer.apply_chat_template(messages, tools=...)` into a
-   `text` column, together with the character spans of the assistant turns *in that rendered text*.
+   of from/value turns; TRL's `prompt` + `completion`, whose prompt is not trained) is validated and rendered with
+   `tokenizer.apply_chat_template(messages, tools=...)` into a `text` column, together with the character spans of
+   the assistant turns *in that rendered text*.
 2. Tokenise: `text` is encoded with offsets (no special tokens added: the template already wrote them) and
    the character spans are mapped to tokens, giving `input_ids` and `labels` (and optionally `assistant_masks`).
 
