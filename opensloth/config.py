@@ -18,12 +18,14 @@ from typing import Any
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
     "BACKENDS",
+    "CURVE_KEYS",
     "GRADIENT_CHECKPOINTING",
     "INTERVAL_STRATEGIES",
     "PACKING_MODES",
     "REPORT_TO",
     "TrainConfig",
     "build_parser",
+    "looks_like_local_path",
     "resolve_config",
 ]
 
@@ -38,6 +40,29 @@ INTERVAL_STRATEGIES = ("no", "steps", "epoch")
 GRADIENT_CHECKPOINTING = ("auto", "on", "off")
 DEFAULT_DATASET = "trl-lib/Capybara"
 PRESET_DATASET = "synthetic"
+ON_ERROR = ("raise", "skip")
+# Suffixes of the local data files --dataset reads (anything else without a path form is a hub dataset name).
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+# The settings that change a run's loss curve: a run resumes from a checkpoint only when these match the stored
+# configuration of the run that wrote it (plus the global batch, per_device_batch_size x grad_accum x world size,
+# which may be split differently over another number of processes, and the identity of the data files).
+CURVE_KEYS = ("model_name", "preset", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "load_in_4bit",
+              "dataset", "prepared_dataset_path", "max_seq_length", "train_samples", "test_samples", "packing",
+              "all_tokens", "num_epochs", "max_steps", "learning_rate", "warmup_ratio", "weight_decay",
+              "lr_scheduler_type", "seed")
+
+
+def looks_like_local_path(spec: str) -> bool:
+    """Whether a --dataset value names a local file or folder rather than a hub dataset (`namespace/name`): it
+    starts with `/`, `.` or `~`, has more than one `/` or a backslash, ends with a data-file suffix, or its first
+    component is a local folder."""
+    if not spec:
+        return False
+    if spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1:
+        return True
+    if spec.lower().endswith(DATA_SUFFIXES):
+        return True
+    return "/" in spec and os.path.isdir(spec.split("/", 1)[0])
 
 
 def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "training", flag: str | None = None,
@@ -96,6 +121,9 @@ class TrainConfig:
                             "preparing one (needs --prepared_dataset_path)", group="data", action="store_true")
     prepared_dataset_path: str | None = _f(None, "folder written by precompute_dataset.py "
                                            "(data/precomputed/<name>); implies --skip_prepare", group="data")
+    on_error: str = _f("raise", "a malformed record (a line that is not JSON, no conversation, no assistant turn, "
+                       "...) stops the run naming its file:line (raise), or is dropped and counted (skip)",
+                       choices=ON_ERROR, group="data")
     dataset_num_proc: int | None = _f(None, "worker processes for tokenisation (default: in-process)", group="data")
     cache_dir: str = _f("data/cache", "where rank 0 saves the prepared datasets that every rank loads",
                         group="data")
@@ -112,6 +140,10 @@ class TrainConfig:
     lr_scheduler_type: str = _f("linear", "learning-rate schedule (transformers names: linear, cosine, constant, ...)")
     seed: int = _f(42, "seed for weights (LoRA init), data order and dropout")
 
+    ddp_backend: str = _f("auto", "torch.distributed backend under torchrun: 'auto' (nccl on CUDA, gloo on CPU), or "
+                          "force one; gloo lets several ranks share one GPU (NCCL refuses two ranks on one device)",
+                          choices=("auto", "nccl", "gloo"))
+
     # DDP patches
     use_patches: bool = _f(True, "apply the OpenSloth patches (default): ddp_patch (device pinning, the out-of-place "
                            "loss-scaling fix, find_unused_parameters=False) and the gradient-accumulation window "
@@ -125,7 +157,12 @@ class TrainConfig:
     output_dir: str | None = _f(None, "checkpoints, TensorBoard events and run_summary.json (default "
                                 "outputs/<run name>)", group="run")
     resume_from_checkpoint: str | None = _f(None, "continue from a checkpoint folder, or 'latest' (the newest "
-                                            "checkpoint-N in --output_dir)", group="run")
+                                            "checkpoint-N in --output_dir); the settings that change the loss curve "
+                                            "must match the stored run_config.json of the run that wrote it",
+                                            group="run")
+    overwrite_output_dir: bool = _f(False, "replace the run already in the output folder (its checkpoints, "
+                                    "TensorBoard events, summary and final model are deleted first); without it a new "
+                                    "run refuses a folder that holds one", group="run", action="store_true")
     save_strategy: str = _f("epoch", "when to save checkpoints", choices=INTERVAL_STRATEGIES, group="run")
     save_steps: int = _f(500, "save every N steps (with --save_strategy steps)", group="run")
     save_total_limit: int = _f(2, "keep at most N checkpoints (0: keep all)", group="run")
@@ -143,6 +180,12 @@ class TrainConfig:
                             action="store_true")
 
     # ------------------------------------------------------------------------------------------------------------
+
+    def curve_settings(self, world_size: int) -> dict[str, Any]:
+        """The settings that change the loss curve (`CURVE_KEYS`) and the global batch per optimizer step."""
+        out = {k: getattr(self, k) for k in CURVE_KEYS}
+        out["global_batch"] = self.per_device_batch_size * self.grad_accum * world_size
+        return out
 
     @property
     def patches(self) -> bool:
@@ -199,6 +242,10 @@ class TrainConfig:
             out.append(("--prepared_dataset_path", f"{self.prepared_dataset_path!r} is not a folder; create it with "
                                                    f"`python train_scripts/precompute_dataset.py ... --name NAME` "
                                                    f"(it writes data/precomputed/NAME)"))
+        if self.dataset and looks_like_local_path(self.dataset) and not os.path.exists(
+                os.path.expanduser(self.dataset)):
+            out.append(("--dataset", f"file not found: {self.dataset!r} (relative to {os.getcwd()}); give an "
+                                     f"existing JSONL/JSON/Parquet/CSV file or save_to_disk folder"))
         if self.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(self.resume_from_checkpoint):
             out.append(("--resume_from_checkpoint", f"{self.resume_from_checkpoint!r} is not a checkpoint folder "
                                                     f"(give a path such as outputs/<run>/checkpoint-100, or 'latest')"))

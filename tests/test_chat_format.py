@@ -7,6 +7,7 @@ ids, and the records' message contents for what each trained run must decode to.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -234,7 +235,7 @@ def test_bad_record_raises_naming_it(qwen3_tokenizer, case):
     bad, fragment = BAD[case]
     with pytest.raises(ChatFormatError) as err:
         tokenize_chat_dataset([GOOD, bad, GOOD], qwen3_tokenizer)
-    assert "record 1 (id='bad')" in str(err.value)
+    assert "record 2 (id='bad')" in str(err.value)
     assert fragment in str(err.value)
 
 
@@ -245,7 +246,7 @@ def test_bad_record_skip_is_counted_and_logged(qwen3_tokenizer, case, caplog):
         ds, stats = tokenize_chat_dataset([GOOD, bad, GOOD], qwen3_tokenizer, on_error="skip", return_stats=True)
     assert stats.skipped == 1 and stats.records_out == len(ds) == 2
     assert "1 skipped" in caplog.text
-    assert "record 1 (id='bad')" in caplog.text and fragment in caplog.text
+    assert "record 2 (id='bad')" in caplog.text and fragment in caplog.text
     expected = encode_chat(GOOD, qwen3_tokenizer)
     assert all(row["labels"] == expected["labels"] for row in ds)
 
@@ -254,7 +255,7 @@ def test_bad_record_in_an_arrow_dataset(qwen3_tokenizer):
     from datasets import Dataset
 
     rows = [GOOD, {"id": "bad", "messages": [{"role": "bot", "content": "x"}]}, GOOD]
-    with pytest.raises(ChatFormatError, match=r"record 1 \(id='bad'\).*unknown role 'bot'"):
+    with pytest.raises(ChatFormatError, match=r"record 2 \(id='bad'\).*unknown role 'bot'"):
         tokenize_chat_dataset(Dataset.from_list(rows), qwen3_tokenizer)
     ds, stats = tokenize_chat_dataset(Dataset.from_list(rows), qwen3_tokenizer, on_error="skip", return_stats=True)
     assert (stats.skipped, len(ds)) == (1, 2)
@@ -284,3 +285,106 @@ def test_token_mask_from_spans_overlap_rule():
         spans = [(int(pts[i]), int(pts[i + 1])) for i in range(0, 6, 2)]
         want = [any(s < max(e_, s_ + 1) and e > s_ for s, e in spans) for s_, e_ in offs]
         assert token_mask_from_spans(offs, spans).tolist() == want
+
+
+def _first_answer_position(tok, record) -> int:
+    """Index of the first token of the record's first assistant answer, found from the tokenizer alone: the
+    conversation before it rendered with the generation prompt is a prefix of the whole conversation's tokens."""
+    msgs = record["messages"]
+    j = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    head = tok.apply_chat_template(msgs[:j], tokenize=False, add_generation_prompt=True)
+    return len(tok(head, add_special_tokens=False)["input_ids"])
+
+
+def test_records_whose_answers_are_truncated_away_are_dropped_and_counted(qwen3_tokenizer, hh_multi, caplog):
+    tok = qwen3_tokenizer
+    recs = hh_multi[:40]
+    firsts = np.asarray([_first_answer_position(tok, r) for r in recs])
+    limit = int(np.median(firsts))  # about half the records keep no answer token
+    keeps = firsts < limit
+    assert 0 < keeps.sum() < len(recs)
+    with caplog.at_level(logging.INFO, logger="opensloth"):
+        ds, stats = tokenize_chat_dataset(recs, tok, max_seq_length=limit, return_stats=True)
+    assert stats.records_out == len(ds) == int(keeps.sum())
+    assert stats.dropped_no_trained == stats.no_trained_by_truncation == int((~keeps).sum())
+    assert stats.first_answer_min == int(firsts[~keeps].min())
+    assert all(any(x != IGNORE_INDEX for x in row[1:]) for row in ds["labels"])
+    assert f"dropped {stats.dropped_no_trained} of {len(recs)} records that train no token" in caplog.text
+    # Kept are exactly the records with an answer token inside the limit, in their order.
+    want = [r for r, k in zip(recs, keeps, strict=True) if k]
+    first_rows = [encode_chat(r, tok, max_seq_length=limit)["input_ids"] for r in want[:3]]
+    assert ds["input_ids"][:3] == first_rows
+    kept, kstats = tokenize_chat_dataset(recs, tok, max_seq_length=limit, drop_untrained=False, return_stats=True)
+    assert len(kept) == len(recs) and kstats.no_trained_tokens == int((~keeps).sum())
+
+
+def test_nothing_to_train_says_why_and_what_to_change(qwen3_tokenizer, hh_multi):
+    from opensloth.data.chat import NothingToTrainError
+
+    tok = qwen3_tokenizer
+    recs = hh_multi[:10]
+    firsts = [_first_answer_position(tok, r) for r in recs]
+    limit = min(firsts)  # the earliest answer token sits at index `limit`: cut off for every record
+    with pytest.raises(NothingToTrainError) as err:
+        tokenize_chat_dataset(recs, tok, max_seq_length=limit)
+    msg = str(err.value)
+    assert f"none of the {len(recs)} records has a trained token left" in msg
+    assert f"truncation at max_seq_length={limit}" in msg and f"raise max_seq_length above {limit}" in msg
+    assert err.value.stats.first_answer_min == limit and err.value.stats.records_out == 0
+    ok = tokenize_chat_dataset(recs, tok, max_seq_length=limit + 1)  # one answer token left for the earliest
+    assert len(ok) == sum(f == limit for f in firsts)
+    everything = tokenize_chat_dataset(recs, tok, max_seq_length=limit, assistant_only=False)
+    assert len(everything) == len(recs)
+
+
+PC = {"id": "pc", "prompt": "What is 2+2?", "completion": "4"}
+PC_MSGS = {"id": "pcm", "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                   {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}],
+           "completion": [{"role": "assistant", "content": "4"}]}
+
+
+def test_prompt_completion_records(qwen3_tokenizer):
+    tok = qwen3_tokenizer
+    as_messages = {"messages": [{"role": "user", "content": PC["prompt"]},
+                                {"role": "assistant", "content": PC["completion"]}]}
+    assert encode_chat(PC, tok)["labels"] == encode_chat(as_messages, tok)["labels"]
+    # Message lists: rendered as the whole conversation; only the completion's assistant turn is trained.
+    full = PC_MSGS["prompt"] + PC_MSGS["completion"]
+    enc = encode_chat(PC_MSGS, tok)
+    assert enc["input_ids"] == _reference_ids(tok, full)
+    trained = [i for i, lab in zip(enc["input_ids"], enc["labels"], strict=True) if lab != IGNORE_INDEX]
+    assert tok.decode(trained).strip() == "4" + EOT
+    every_assistant = encode_chat({"messages": full}, tok)
+    assert sum(x != IGNORE_INDEX for x in every_assistant["labels"]) > len(trained)  # "Hello." is trained there
+    ds = tokenize_chat_dataset([PC, PC_MSGS], tok)
+    assert ds["labels"] == [encode_chat(PC, tok)["labels"], enc["labels"]]
+    with pytest.raises(ChatFormatError, match=r"record 1 \(id='x'\).*only one of 'prompt' and 'completion'"):
+        tokenize_chat_dataset([{"id": "x", "prompt": "hi"}], tok)
+    with pytest.raises(ChatFormatError, match="no assistant message in its completion"):
+        tokenize_chat_dataset([{"prompt": [{"role": "user", "content": "a"}],
+                                "completion": [{"role": "user", "content": "b"}]}], tok)
+    with pytest.raises(ChatFormatError, match="expected two strings, or two lists of messages"):
+        encode_chat({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]}, tok)
+
+
+def test_json_list_records_are_named_by_file_and_line(qwen3_tokenizer, tmp_path):
+    from opensloth.data.shared import read_chat_records
+
+    bad = {"id": "bad", "messages": [{"role": "user", "content": "q"}]}
+    path = tmp_path / "chats.json"
+    # pretty-printed: GOOD spans 2-13, bad starts on line 15 (1-based) after a blank line
+    path.write_text("[\n" + json.dumps(GOOD, indent=2) + ",\n\n" + json.dumps(bad, indent=2) + "\n]\n",
+                    encoding="utf-8")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    bad_line = next(i for i, line in enumerate(lines, 1) if '"bad"' in line) - 1  # the line its "{" opens on
+    assert lines[bad_line - 1].strip() == "{"
+    recs = read_chat_records(path)
+    assert [r.source for r in recs] == [f"{path}:2", f"{path}:{bad_line}"]
+    with pytest.raises(ChatFormatError, match=rf"{path}:{bad_line} \(id='bad'\) has no assistant message"):
+        tokenize_chat_dataset(recs, qwen3_tokenizer)
+    path.write_text('[{"id": 1},\n {"id": 2}\n {"id": 3}]', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"chats.json: line 3: expected ',' or ']'"):
+        read_chat_records(path)
+    path.write_text('{"messages": []}', encoding="utf-8")
+    with pytest.raises(ValueError, match="holds a JSON dict; expected a list"):
+        read_chat_records(path)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,3 +299,225 @@ def test_sanity_script_is_valid_bash():
     out = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "sanity_check_training.sh")], capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr
+
+
+# ------------------------------------------------------------------------------------------------ data (issue 15)
+
+
+@pytest.fixture(scope="module")
+def tiny_tok():
+    from opensloth.presets import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(1024, 1024)
+
+
+def _chat(i: int, question: str = "what is it?", answer: str = "it is fine.") -> dict:
+    return {"id": str(i), "messages": [{"role": "user", "content": f"{question} {i}"},
+                                       {"role": "assistant", "content": answer}]}
+
+
+def _write_jsonl(path: Path, rows: list, raw: dict | None = None) -> Path:
+    lines = [json.dumps(r) for r in rows]
+    for at, text in (raw or {}).items():
+        lines[at] = text
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("spec", ["my_chats.jsonl", "data/chats.json", "./chats", "/nonexistent/opensloth/x",
+                                  "a/b/c", "CHATS.PARQUET", "train.csv"])
+def test_a_missing_local_dataset_is_file_not_found_at_once(cli, capsys, spec):
+    err = _error(cli, capsys, ["--dataset", spec])
+    assert "argument --dataset: file not found" in err and repr(spec) in err
+
+
+def test_hub_names_are_not_taken_for_files(cli, tmp_path, monkeypatch):
+    from opensloth.config import looks_like_local_path
+
+    monkeypatch.chdir(tmp_path)
+    for spec in ("trl-lib/Capybara", "HuggingFaceH4/ultrachat_200k", "hh_rlhf", "synthetic"):
+        assert not looks_like_local_path(spec), spec
+        cli.parse_args(["--dataset", spec])  # no error: a hub or shared name
+    (tmp_path / "mydata").mkdir()
+    assert looks_like_local_path("mydata/missing")  # its first part is a local folder
+
+
+def test_a_missing_file_leaves_no_cache_debris(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config, _ = cli.parse_args(["--preset", "tiny", "--cache_dir", str(tmp_path / "cache")])
+    config = dataclasses.replace(config, dataset="gone.jsonl")  # the file went away after parsing
+    with pytest.raises(cli.RunError, match="--dataset gone.jsonl: file not found"):
+        cli.prepare_datasets(config, None, 1)
+    with pytest.raises(cli.RunError, match="file not found"):
+        cli.load_records("gone.jsonl", 10, 0, 0)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def _config(cli, tmp_path, *flags):
+    config, _ = cli.parse_args(["--preset", "tiny", "--cache_dir", str(tmp_path / "cache"), *flags])
+    return config
+
+
+def test_bad_records_are_named_by_file_and_line_and_skipped_on_request(cli, tmp_path, tiny_tok):
+    rows = [_chat(i) for i in range(40)]
+    rows[20] = {"id": "noans", "messages": [{"role": "user", "content": "hi"}]}  # line 21
+    path = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    config = _config(cli, tmp_path, "--dataset", str(path))
+    records, _ = cli.load_records(str(path), 40, 0, 0)
+    with pytest.raises(cli.RunError) as err:
+        cli._tokenize_split(config, tiny_tok, records, "train", {})
+    msg = str(err.value)
+    assert f"{path}:21 (id='noans') has no assistant message" in msg and "--on_error skip" in msg
+    skip = dataclasses.replace(config, on_error="skip")
+    stats: dict = {}
+    ds = cli._tokenize_split(skip, tiny_tok, records, "train", stats)
+    assert len(ds) == 39 and stats["opensloth_data_stats"]["train"]["skipped"] == 1
+    # a line that is not JSON: file:line too, and skipped with --on_error skip
+    _write_jsonl(path, [_chat(i) for i in range(40)], raw={30: "{broken"})
+    with pytest.raises(cli.RunError, match=rf"{path}:31 is not valid JSON.*--on_error skip"):
+        cli.load_records(str(path), 40, 0, 0)
+    train, _ = cli.load_records(str(path), 40, 0, 0, on_error="skip")
+    assert len(train) == 39 and train[30].source == f"{path}:32"
+
+
+def test_records_without_a_conversation_name_what_the_cli_accepts(cli, tmp_path, tiny_tok):
+    config = _config(cli, tmp_path, "--dataset", "synthetic")
+    with pytest.raises(cli.RunError) as err:
+        cli._tokenize_split(config, tiny_tok, [{"id": "x", "text": "hello"}], "train", {})
+    msg = str(err.value)
+    assert "'prompt' and 'completion'" in msg and "'messages'" in msg and "messages_field=" not in msg
+    pc = [{"prompt": f"q{i}", "completion": "a"} for i in range(3)]
+    assert len(cli._tokenize_split(config, tiny_tok, pc, "train", {})) == 3
+
+
+def test_training_data_with_no_trained_token_fails_before_training(cli, tmp_path, tiny_tok, capsys):
+    long_q = "please tell me " * 20  # the answer starts far beyond --max_seq_length 32
+    path = _write_jsonl(tmp_path / "long.jsonl", [_chat(i, long_q) for i in range(12)])
+    config = _config(cli, tmp_path, "--dataset", str(path), "--max_seq_length", "32", "--train_samples", "8",
+                     "--test_samples", "4")
+    with pytest.raises(cli.RunError) as err:
+        cli.prepare_datasets(config, tiny_tok, 1)
+    msg = str(err.value)
+    assert "none of the 8 training records" in msg and "has a trained token" in msg
+    assert "lost every answer to truncation at --max_seq_length 32" in msg
+    assert "raise --max_seq_length (above " in msg and "--all_tokens" in msg
+    ok, _, _ = cli.prepare_datasets(dataclasses.replace(config, max_seq_length=1024), tiny_tok, 1)
+    assert len(ok) == 8
+
+
+def test_records_and_eval_sets_with_no_trained_token_are_dropped_with_a_message(cli, tmp_path, tiny_tok, capsys):
+    long_q = "please tell me " * 20
+    rows = [_chat(i, "hi" if i < 5 else long_q) for i in range(8)] + [_chat(i, long_q) for i in range(8, 12)]
+    path = _write_jsonl(tmp_path / "mixed.jsonl", rows)
+    config = _config(cli, tmp_path, "--dataset", str(path), "--max_seq_length", "40", "--train_samples", "8",
+                     "--test_samples", "4")
+    for built in (True, False):  # the second call loads the cache the first wrote: same counts, same messages
+        train, val, info = cli.prepare_datasets(config, tiny_tok, 1)
+        out = capsys.readouterr().out
+        assert info["built_here"] is built
+        assert len(train) == 5 and val is None
+        assert "train: dropped 3 of 8 records that train no token: 3 lost every answer to truncation" in out
+        assert "no evaluation: none of the 4 evaluation records" in out
+        labels = [np.asarray(x) for x in train["labels"]]
+        assert all((x[1:] != -100).any() for x in labels)
+        assert info["records"]["train"]["dropped_no_trained"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ output folder
+
+
+def _fake_run(folder: Path, cli, config, world_size: int = 1) -> None:
+    """What a run leaves: a checkpoint, events, the summary and its stored configuration."""
+    (folder / "checkpoint-2").mkdir(parents=True)
+    (folder / "runs" / "x").mkdir(parents=True)
+    (folder / "runs" / "x" / "events.out.tfevents.1.host.1.0").write_text("e")
+    (folder / cli.SUMMARY_FILE).write_text("{}")
+    (folder / "model.safetensors").write_text("m")
+    cli.start_output_dir(config, {}, str(folder), world_size)
+
+
+def test_a_new_run_refuses_a_folder_that_holds_a_run(cli, tmp_path):
+    out = tmp_path / "out"
+    config = _config(cli, tmp_path, "--output_dir", str(out))
+    cli.check_output_dir(config, str(out), 1, None)  # missing: fine
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    cli.check_output_dir(config, str(out), 1, None)  # a folder without a run: fine
+    _fake_run(out, cli, config)
+    assert cli.run_artifacts(out) == ["checkpoint-2", cli.SUMMARY_FILE, cli.CONFIG_FILE, "runs/"]
+    with pytest.raises(cli.RunError) as err:
+        cli.check_output_dir(config, str(out), 1, None)
+    msg = str(err.value)
+    assert f"{out} already holds a run (checkpoint-2" in msg
+    for flag in ("--resume_from_checkpoint latest", "--experiment_name", "--output_dir", "--overwrite_output_dir"):
+        assert flag in msg
+    over = dataclasses.replace(config, overwrite_output_dir=True)
+    cli.check_output_dir(over, str(out), 1, None)
+    cli.start_output_dir(over, {}, str(out), 1)
+    assert sorted(p.name for p in out.iterdir()) == sorted([cli.CONFIG_FILE, "notes.txt"])  # only the old run gone
+
+
+def test_resume_checks_the_stored_configuration(cli, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--output_dir", str(out), "--grad_accum", "2", "--per_device_batch_size", "4"]
+    first = _config(cli, tmp_path, *flags)
+    _fake_run(out, cli, first)
+    stored = json.loads((out / cli.CONFIG_FILE).read_text())
+    assert stored["curve"]["global_batch"] == 8 and stored["config"]["grad_accum"] == 2
+    ckpt = str(out / "checkpoint-2")
+    cli.check_output_dir(first, str(out), 1, ckpt)  # the same run: fine
+    # the same global batch over 2 processes, and settings that do not change the curve: fine
+    same = _config(cli, tmp_path, "--output_dir", str(out), "--grad_accum", "1", "--per_device_batch_size", "4",
+                   "--logging_steps", "7", "--save_total_limit", "5")
+    cli.check_output_dir(same, str(out), 2, ckpt)
+    other = _config(cli, tmp_path, *flags, "--learning_rate", "1e-3", "--seed", "3")
+    with pytest.raises(cli.RunError) as err:
+        cli.check_output_dir(other, str(out), 1, ckpt)
+    msg = str(err.value)
+    assert "learning_rate: 0.003 in the checkpoint's run, 0.001 now" in msg and "seed: 42" in msg
+    assert "grad_accum" not in msg
+    with pytest.raises(cli.RunError, match="global_batch: 8 in the checkpoint's run, 16 now"):
+        cli.check_output_dir(first, str(out), 2, ckpt)
+    with pytest.raises(cli.RunError, match="would delete"):
+        cli.check_output_dir(dataclasses.replace(first, overwrite_output_dir=True), str(out), 1, ckpt)
+    # resuming into another folder that holds another run would mix the two
+    elsewhere = tmp_path / "elsewhere"
+    _fake_run(elsewhere, cli, first)
+    with pytest.raises(cli.RunError, match=f"continues the run of {out}.*holds another run"):
+        cli.check_output_dir(first, str(elsewhere), 1, ckpt)
+    cli.check_output_dir(first, str(tmp_path / "fresh"), 1, ckpt)  # into an empty folder: fine
+
+
+def test_a_second_run_into_the_same_folder_stops_before_loading(cli, tmp_path, capsys):
+    import logging
+
+    out = tmp_path / "out"
+    config = _config(cli, tmp_path, "--output_dir", str(out))
+    _fake_run(out, cli, config)
+    before = sorted(p.name for p in out.rglob("*"))
+    lg = logging.getLogger("opensloth")
+    saved = (lg.level, lg.propagate, list(lg.handlers), list(lg.filters))
+    try:
+        code = cli.main(["--preset", "tiny", "--no_patches", "--output_dir", str(out), "--cache_dir",
+                         str(tmp_path / "cache")])
+    finally:
+        lg.setLevel(saved[0])
+        lg.propagate = saved[1]
+        lg.handlers[:] = saved[2]
+        lg.filters[:] = saved[3]
+    assert code == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert sorted(p.name for p in out.rglob("*")) == before and not (tmp_path / "cache").exists()
+
+
+def test_the_last_step_is_always_logged(cli):
+    from types import SimpleNamespace
+
+    callback = cli.final_step_log_callback()
+    logged = []
+    for step in range(1, 11):
+        control = SimpleNamespace(should_log=False)
+        callback.on_step_end(None, SimpleNamespace(global_step=step, max_steps=10), control)
+        logged.append(control.should_log)
+    # the step before the last closes the interval, so the last log holds the last step's loss alone
+    assert [s for s, on in zip(range(1, 11), logged, strict=True) if on] == [9, 10]

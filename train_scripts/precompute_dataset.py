@@ -125,7 +125,7 @@ def load_records(sources: list[str], max_records: int | None, on_error: str = "r
         try:
             records.extend(read_chat_records(path, progress=True, on_error=on_error))
         except ValueError as exc:
-            raise SystemExit(str(exc)) from None
+            raise SystemExit(str(exc).replace("pass on_error='skip'", "pass --on_error skip")) from None
         provenance.append({"source": src, "path": str(path), "rows": len(records) - n0,
                            "sha256": sha256_file(path)})
     if max_records is not None:
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from opensloth.data.cache import CacheConfig, atomic_save_datasets, read_cache_metadata, tokenizer_identity
-    from opensloth.data.chat import CHAT_FORMAT_VERSION, tokenize_chat_dataset
+    from opensloth.data.chat import CHAT_FORMAT_VERSION, ChatFormatError, NothingToTrainError, tokenize_chat_dataset
 
     name = args.name or "+".join(Path(s).stem for s in args.data)
     out = Path(args.output_dir) / name
@@ -187,7 +187,18 @@ def main(argv=None) -> int:
     for split, recs in (("train", train_records), ("val", val_records)):
         if recs is None:
             continue
-        ds, st = tokenize_chat_dataset(recs, tokenizer, desc=split, **common)
+        try:
+            ds, st = tokenize_chat_dataset(recs, tokenizer, desc=split, **common)
+        except NothingToTrainError as exc:
+            limit = "--max_seq_length" if exc.stats.no_trained_by_truncation else "the records or chat template"
+            if split == "train":
+                raise SystemExit(f"{split}: {exc} (here: {limit}; --all_tokens trains every token)") from None
+            print(f"no validation split written: {exc}")
+            continue
+        except ChatFormatError as exc:
+            raise SystemExit(f"{exc}".replace("pass on_error='skip'", "pass --on_error skip")
+                             + ("" if args.on_error == "skip" else "; fix it, or drop such records with --on_error "
+                                                                   "skip (counted)")) from None
         splits[split], stats[split] = ds, {"chat": st.as_dict()}
 
     if args.pack is not None:
@@ -217,7 +228,8 @@ def main(argv=None) -> int:
         chat = stats[split]["chat"]
         line = (f"  {split}: {chat['records_out']} samples from {chat['records_in']} records, {chat['tokens']} tokens "
                 f"({chat['trained_tokens']} trained); {chat['truncated']} truncated, {chat['dropped_too_long']} "
-                f"dropped as too long, {chat['skipped']} skipped")
+                f"dropped as too long, {chat['dropped_no_trained']} dropped for training no token, "
+                f"{chat['skipped']} skipped")
         if "packing" in stats[split]:
             line += f"; packed into {len(ds)} rows of <= {args.pack} tokens"
             eff = stats[split]["packing"].get("efficiency")

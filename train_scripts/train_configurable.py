@@ -25,11 +25,14 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 # Nothing below imports torch, transformers, trl or peft at module level: Unsloth must be imported first when used.
-from opensloth.config import TrainConfig, build_parser, resolve_config  # noqa: E402
+from opensloth.config import TrainConfig, build_parser, looks_like_local_path, resolve_config  # noqa: E402
 from opensloth.data.shared import SHARED_CHAT_FILES, read_chat_records, shared_chat_paths, shared_data_dir  # noqa: E402
 
 SUMMARY_FILE = "run_summary.json"
-DATA_FORMAT = 2  # bump when the prepared-dataset layout changes (part of the cache key); 2: rows packed "best"
+CONFIG_FILE = "run_config.json"  # the resolved configuration, written when training starts
+# Bump when the prepared data change (part of the cache key). 2: rows packed "best"; 3: records that train no token
+# dropped (their counts stored in the cache's metadata).
+DATA_FORMAT = 3
 
 
 class RunError(RuntimeError):
@@ -42,12 +45,8 @@ class RunError(RuntimeError):
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str, str]]:
     """Parse and validate the flags; an invalid value exits with an argparse error naming the flag."""
     parser = build_parser(prog="train_configurable.py", description=__doc__)
-    parser.add_argument("--ddp_backend", choices=("auto", "nccl", "gloo"), default="auto",
-                        help="torch.distributed backend under torchrun: 'auto' (nccl on CUDA, gloo on CPU), or force "
-                             "one; gloo lets several ranks share one GPU (NCCL refuses two ranks on one device)")
     namespace = parser.parse_args(argv)
     config, sources = resolve_config(namespace)
-    config.ddp_backend = namespace.ddp_backend  # a script-level flag, not a TrainConfig field
     problems = config.problems(sources)
     if config.preset is not None and sources.get("model_name") == "flag":
         problems.insert(0, ("--model_name", f"conflicts with --preset {config.preset}, which builds its own model; "
@@ -275,11 +274,18 @@ def _ensure_pad(tokenizer):
 # ------------------------------------------------------------------------------------------------ data
 
 
-def _read_json_records(path: Path) -> list[dict]:
+def _read_json_records(path: Path, on_error: str = "raise") -> list[dict]:
     try:
-        return read_chat_records(path)
+        return read_chat_records(path, on_error=on_error)
     except ValueError as exc:
-        raise RunError(str(exc)) from None
+        raise RunError(f"--dataset: {exc}".replace("pass on_error='skip'", "pass --on_error skip")) from None
+
+
+def check_dataset_spec(spec: str) -> None:
+    """A --dataset that looks like a local path must exist: say so now, before any cache or hub is touched."""
+    if looks_like_local_path(spec) and not Path(spec).expanduser().exists():
+        raise RunError(f"--dataset {spec}: file not found (relative to {os.getcwd()}); give an existing JSONL/JSON/"
+                       f"Parquet/CSV file or save_to_disk folder")
 
 
 def dataset_identity(spec: str, seed: int) -> dict:
@@ -301,16 +307,21 @@ def dataset_identity(spec: str, seed: int) -> dict:
     return {"kind": "hub", "name": spec}
 
 
-def load_records(spec: str, train_samples: int, test_samples: int, seed: int):
+def load_records(spec: str, train_samples: int, test_samples: int, seed: int, on_error: str = "raise"):
     """(train records, eval records or None): the first `train_samples` and the next `test_samples` records."""
     if spec == "synthetic":
         from opensloth.presets import tiny_datasets
 
         train, test = tiny_datasets(train_samples, test_samples, seed=seed)
         return train, (test or None)
-    path = Path(spec)
-    if path.is_file():
-        records: Any = _read_json_records(path)
+    check_dataset_spec(spec)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() in (".parquet", ".csv"):
+        from datasets import load_dataset
+
+        records: Any = load_dataset(path.suffix.lower()[1:], data_files=str(path), split="train")
+    elif path.is_file():
+        records = _read_json_records(path, on_error)
     elif path.is_dir():
         from datasets import DatasetDict, load_from_disk
 
@@ -324,7 +335,7 @@ def load_records(spec: str, train_samples: int, test_samples: int, seed: int):
             files = shared_chat_paths(spec)
         except FileNotFoundError as exc:
             raise RunError(f"--dataset {spec}: {exc}") from None
-        records = [r for f in files for r in _read_json_records(f)]
+        records = [r for f in files for r in _read_json_records(f, on_error)]
     else:
         from datasets import load_dataset
 
@@ -362,17 +373,20 @@ def prepare_datasets(config: TrainConfig, tokenizer, world_size: int):
 
     if config.skip_prepare:
         return _load_prepared(config, tokenizer, packed, info)
+    if config.dataset != "synthetic":
+        check_dataset_spec(config.dataset)  # before the cache: a missing file leaves nothing behind
+    # Filled by build() and stored in the cache's metadata (rank_zero_build_and_load merges it after building), so
+    # that every rank, and every later run that loads this cache, reports what was dropped and why.
+    built_stats: dict[str, Any] = {}
 
     def build() -> dict:
-        from opensloth.data.chat import tokenize_chat_dataset
-
         train_records, eval_records = load_records(config.dataset, config.train_samples, config.test_samples,
-                                                   config.seed)
-        common = dict(max_seq_length=config.max_seq_length, assistant_only=not config.all_tokens,
-                      num_proc=config.dataset_num_proc)
-        out = {"train": tokenize_chat_dataset(train_records, tokenizer, desc="train", **common)}
+                                                   config.seed, on_error=config.on_error)
+        out = {"train": _tokenize_split(config, tokenizer, train_records, "train", built_stats)}
         if eval_records is not None:
-            out["val"] = tokenize_chat_dataset(eval_records, tokenizer, desc="eval", **common)
+            val = _tokenize_split(config, tokenizer, eval_records, "eval", built_stats)
+            if val is not None:
+                out["val"] = val
         if packed:
             from opensloth.data.packed import build_packed_dataset
 
@@ -391,14 +405,95 @@ def prepare_datasets(config: TrainConfig, tokenizer, world_size: int):
         "max_seq_length": config.max_seq_length,
         "packed": packed,
         "all_tokens": config.all_tokens,
+        "on_error": config.on_error,  # skip drops malformed records: a cache built so must not serve a strict run
     }
     from opensloth.data.cache import make_cache_key
 
     name = Path(config.dataset).stem if Path(config.dataset).exists() else config.dataset.replace("/", "_")
     path = Path(config.cache_dir) / f"prepared-{name}-{make_cache_key(material)}"
-    loaded, _, built = rank_zero_build_and_load(path, material, build, CacheConfig(cache_dir=config.cache_dir))
+    from opensloth.data.cache import CacheBuildError
+
+    try:
+        loaded, meta, built = rank_zero_build_and_load(path, material, build, CacheConfig(cache_dir=config.cache_dir),
+                                                       extra_metadata=built_stats)
+    except CacheBuildError as exc:
+        raise RunError(str(exc)) from None
     info.update({"cache": str(path), "built_here": built})
+    stats = meta.get("opensloth_data_stats") or {}
+    report_data_stats(config, stats)
+    info["records"] = stats
     return loaded["train"], loaded.get("val"), info
+
+
+def _tokenize_split(config: TrainConfig, tokenizer, records, split: str, built_stats: dict):
+    """One split tokenised for training; records that train no token are dropped. A training split with nothing
+    to train stops the run saying why; an evaluation split with nothing to evaluate is left out (None)."""
+    from opensloth.data.chat import ChatFormatError, NothingToTrainError, tokenize_chat_dataset
+
+    stats_all = built_stats.setdefault("opensloth_data_stats", {})
+    try:
+        ds, stats = tokenize_chat_dataset(records, tokenizer, desc=split, max_seq_length=config.max_seq_length,
+                                          assistant_only=not config.all_tokens, num_proc=config.dataset_num_proc,
+                                          on_error=config.on_error, return_stats=True)
+    except NothingToTrainError as exc:
+        if split == "train":
+            raise RunError(nothing_to_train(config, exc.stats, "training")) from None
+        stats_all[split] = {**exc.stats.as_dict(), "left_out": nothing_to_train(config, exc.stats, "evaluation")}
+        return None
+    except ChatFormatError as exc:
+        raise RunError(f"--dataset {config.dataset}: {exc}".replace("pass on_error='skip'", "pass --on_error skip")
+                       + ("" if config.on_error == "skip" else "; fix the record, or drop such records with "
+                                                               "--on_error skip (counted)")) from None
+    except ValueError as exc:  # every record skipped, empty dataset
+        raise RunError(f"--dataset {config.dataset} ({split}): {exc}") from None
+    stats_all[split] = {**stats.as_dict(), "skip_reasons": dict(list(stats.skip_reasons.items())[:5])}
+    return ds
+
+
+def nothing_to_train(config: TrainConfig, stats, what: str) -> str:
+    """Why no record of a split trains a token, and what to change, in the script's flags."""
+    lines = [f"none of the {stats.records_in} {what} records of --dataset {config.dataset} has a trained token"]
+    fixes = []
+    if stats.no_trained_by_truncation:
+        lines.append(f"{stats.no_trained_by_truncation} lost every answer to truncation at --max_seq_length "
+                     f"{config.max_seq_length}: their first answer token is at position {stats.first_answer_min} "
+                     f"at the earliest, {stats.first_answer_median} at the median")
+        fixes.append(f"raise --max_seq_length (above {stats.first_answer_min}; {stats.first_answer_median + 1} keeps "
+                     f"half of them)")
+    other = stats.dropped_no_trained - stats.no_trained_by_truncation
+    if other:
+        lines.append(f"{other} have no trained token even untruncated (an empty answer, or a chat template whose "
+                     f"assistant turns render no text)")
+        fixes.append("check the records' assistant turns and the tokenizer's chat template")
+    if stats.skipped:
+        lines.append(f"{stats.skipped} were skipped as malformed (--on_error skip)")
+    if not config.all_tokens:
+        fixes.append("or train on every token with --all_tokens")
+    return "; ".join(lines) + (". To train on them: " if what == "training" else ". To evaluate on them: ") \
+        + ", ".join(fixes)
+
+
+def report_data_stats(config: TrainConfig, stats: dict) -> None:
+    """Tell the terminal what preparing the data dropped, split by split."""
+    for split, st in sorted(stats.items(), key=lambda kv: kv[0] != "train"):
+        if st.get("left_out"):
+            say(f"[opensloth] no evaluation: {st['left_out']}")
+            continue
+        if st.get("skipped"):
+            reasons = "; ".join(list(st.get("skip_reasons") or {})[:2])
+            say(f"[opensloth] {split}: skipped {st['skipped']} malformed record(s) of {st['records_in']} "
+                f"(--on_error skip), e.g. {reasons}")
+        if st.get("dropped_no_trained"):
+            cut = st.get("no_trained_by_truncation") or 0
+            half = (st.get("first_answer_median") or 0) + 1
+            why = (f"{cut} lost every answer to truncation at --max_seq_length {config.max_seq_length} (raising it "
+                   f"above {st.get('first_answer_min')} keeps the first of them, to {half} half of them)"
+                   if cut else "")
+            other = st["dropped_no_trained"] - cut
+            if other:
+                why += ("; " if why else "") + f"{other} have no trained token even untruncated"
+            say(f"[opensloth] {split}: dropped {st['dropped_no_trained']} of {st['records_in']} records that train "
+                f"no token: {why}")
 
 
 def _load_prepared(config: TrainConfig, tokenizer, packed: bool, info: dict):
@@ -494,7 +589,7 @@ def make_training_args(config: TrainConfig, world_size: int, backend: str):
     )
     if world_size > 1:
         kwargs["ddp_find_unused_parameters"] = False
-    if getattr(config, "ddp_backend", "auto") != "auto":
+    if config.ddp_backend != "auto":
         if config.ddp_backend == "nccl" and not cuda:
             raise RunError("--ddp_backend nccl needs CUDA GPUs and none is visible; use --ddp_backend gloo or auto")
         if world_size > 1:  # one process has no process group to give a backend
@@ -525,23 +620,62 @@ def build_trainer(config: TrainConfig, model, tokenizer, train_dataset, eval_dat
     from opensloth.metrics import attach_step_figures
 
     attach_step_figures(trainer)  # observes batches only: tokens/s/GPU, real-token fraction, rank balance
+    trainer.add_callback(final_step_log_callback())
     return trainer
 
 
-def write_debug_pages(trainer, train_dataset, config: TrainConfig, world_size: int) -> list[str]:
-    """HTML pages of the first --debug_dataloader training batches (the trainer's collator over the training data in
-    order, micro-batch by micro-batch), under .log/. Rank 0 only; touches no process group."""
-    from torch.utils.data import DataLoader
+def final_step_log_callback():
+    """A TrainerCallback that logs the last optimizer step on its own, whatever --logging_steps is: a log at the
+    step before the last (unless already due) and one at the last, so the final logged loss is the last step's
+    (the Trainer logs the mean loss since the previous log)."""
+    from transformers import TrainerCallback
 
+    class FinalStepLog(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.max_steps > 0 and state.global_step >= state.max_steps - 1:
+                control.should_log = True
+            return control
+
+    return FinalStepLog()
+
+
+def debug_batches(trainer, train_dataset, config: TrainConfig, rank: int, world_size: int):
+    """This rank's first --debug_dataloader micro-batches, built without touching the training's RNG or process
+    group: with --packing balanced the balanced sampler's plan (deterministic, every rank's micro-batches
+    interleaved: rank r trains the r-th of every world_size); otherwise the data in order, micro-batch i going to
+    rank i % world_size (the Trainer shuffles the order it trains in). Returns (batches, what they are)."""
+    columns = [c for c in ("input_ids", "labels", "seq_lengths") if c in train_dataset.column_names]
+    data = train_dataset.select_columns(columns)
+    sampler = getattr(trainer, "_opensloth_sampler", None)
+    if sampler is not None:
+        mine = [mb.tolist() for mb in sampler.plan(0).rank_batches(rank, 0)]
+        order = "its micro-batches in training order (the balanced sampler's plan of epoch 0)"
+    else:
+        bs = config.per_device_batch_size
+        mine = [list(range(i, min(i + bs, len(data)))) for i in range(0, len(data), bs)][rank::world_size]
+        order = ("micro-batches of the data in dataset order" + (f", every {world_size}th from the {rank}th"
+                                                                 if world_size > 1 else "")
+                 + " (training shuffles this order)")
+
+    def batches():
+        for indices in mine[:config.debug_dataloader]:
+            yield trainer.data_collator([data[int(j)] for j in indices])
+
+    return batches(), order
+
+
+def write_debug_pages(trainer, train_dataset, config: TrainConfig, rank: int, world_size: int) -> list[str]:
+    """HTML pages of this rank's first --debug_dataloader training micro-batches (`debug_batches`), through the
+    trainer's collator, under .log/<run name>_rank<r>_batch_<k>.html. Every rank writes its own; touches no process
+    group."""
     from opensloth._debug_dataloader import debug_chat_dataloader_for_training
 
-    columns = [c for c in ("input_ids", "labels", "seq_lengths") if c in train_dataset.column_names]
-    loader = DataLoader(train_dataset.select_columns(columns), batch_size=config.per_device_batch_size,
-                        collate_fn=trainer.data_collator)
+    loader, order = debug_batches(trainer, train_dataset, config, rank, world_size)
     paths = debug_chat_dataloader_for_training(loader, trainer.processing_class, config.debug_dataloader,
-                                               out_dir=".log", name=config.run_name(world_size))
-    for path in paths:
-        say(f"[opensloth] batch preview: {path}")
+                                               out_dir=".log", name=config.run_name(world_size), rank=rank,
+                                               note=f"Rank {rank} of {world_size}: {order}.")
+    if paths:
+        print(f"[opensloth] rank {rank}: {len(paths)} batch preview(s): {', '.join(paths)}", flush=True)
     return paths
 
 
@@ -586,7 +720,9 @@ def summarize_run(trainer, train_output, *, config: TrainConfig, world_size: int
         "resumed_from_step": resumed_from,
         "first_logged_step": losses[0][0] if losses else None,
         "first_train_loss": losses[0][1] if losses else None,
+        # FinalStepLog makes the last log cover the last optimizer step alone
         "final_train_loss": losses[-1][1] if losses else None,
+        "final_logged_step": losses[-1][0] if losses else None,
         "train_loss_mean": metrics.get("train_loss"),
         "final_eval_loss": eval_loss,
         "train_runtime_s": metrics.get("train_runtime"),
@@ -614,7 +750,8 @@ def format_summary(summary: dict) -> str:
         ("real-token fraction", num(summary["real_token_fraction"], ".3f")),
         ("rank work max/mean", num(summary["rank_work_max_over_mean"], ".3f")),
         ("train loss", f"{num(summary['first_train_loss'], '.4f')} (step {summary['first_logged_step']}) -> "
-                       f"{num(summary['final_train_loss'], '.4f')} (final)"),
+                       f"{num(summary['final_train_loss'], '.4f')} (step {summary.get('final_logged_step')}, "
+                       f"final)"),
         ("eval loss", num(summary["final_eval_loss"], ".4f")),
         ("output", summary["output_dir"]),
     ]
@@ -632,6 +769,135 @@ def _final_eval_loss(trainer, has_eval: bool) -> float | None:
                 return float(entry["eval_loss"])
             break
     return float(trainer.evaluate()["eval_loss"])
+
+
+# What a run writes at the top of its output folder (besides checkpoint-N folders and runs/), removed by
+# --overwrite_output_dir: the summary, the stored configuration and the final model with its tokenizer.
+RUN_FILES = (SUMMARY_FILE, CONFIG_FILE, "training_args.bin", "config.json", "generation_config.json",
+             "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+             "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "tokenizer.json",
+             "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+             "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def run_artifacts(output_dir: str | os.PathLike) -> list[str]:
+    """What in `output_dir` shows that a run already wrote there: checkpoint-N folders, the summary, the stored
+    configuration, TensorBoard event files (names relative to the folder; empty when none)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = sorted(p.name for p in folder.glob("checkpoint-*") if p.is_dir())
+    found += [name for name in (SUMMARY_FILE, CONFIG_FILE) if (folder / name).is_file()]
+    if any((folder / "runs").rglob("events.out.tfevents.*")):
+        found.append("runs/")
+    return found
+
+
+def stored_run_config(run_dir: str | os.PathLike) -> dict | None:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise RunError(f"{path} is not valid JSON ({exc}); delete it or give --overwrite_output_dir") from None
+
+
+def curve_record(config: TrainConfig, world_size: int) -> dict:
+    """The settings a resumed run must share with the run that wrote its checkpoint (the data by size only: copying
+    a file keeps it the same data)."""
+    out = config.curve_settings(world_size)
+    if config.skip_prepare:
+        return out
+    ident = dataset_identity(config.dataset, config.seed)
+    if ident.get("kind") in ("path", "shared"):
+        ident = {"kind": ident["kind"], "files": [[f[0], f[1]] for f in ident.get("files", [])]}
+    out["data_files"] = ident
+    return out
+
+
+def config_differences(stored: dict, current: dict) -> list[str]:
+    keys = sorted(set(stored) | set(current))
+    return [f"{k}: {stored.get(k)!r} in the checkpoint's run, {current.get(k)!r} now" for k in keys
+            if stored.get(k) != current.get(k)]
+
+
+def check_output_dir(config: TrainConfig, output_dir: str, world_size: int, resume: str | None) -> None:
+    """A new run never writes into a folder that holds another run, unless asked to (--overwrite_output_dir); a
+    resumed run continues the run whose checkpoint it loads, with the same curve-changing settings."""
+    found = run_artifacts(output_dir)
+    if resume is None:
+        if found and not config.overwrite_output_dir:
+            listed = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+            raise RunError(
+                f"the output folder {output_dir} already holds a run ({listed}); a new run there would mix its "
+                f"checkpoints and TensorBoard events with that one's. Continue that run with "
+                f"--resume_from_checkpoint latest, start this one elsewhere (--experiment_name NAME or --output_dir "
+                f"DIR), or replace it with --overwrite_output_dir")
+        return
+    run_dir = Path(resume).resolve().parent
+    inside = run_dir == Path(output_dir).resolve()
+    if config.overwrite_output_dir and inside:
+        raise RunError(f"--overwrite_output_dir would delete {output_dir}, which holds the checkpoint {resume} that "
+                       f"--resume_from_checkpoint continues; give one of them")
+    if found and not inside and not config.overwrite_output_dir:
+        raise RunError(
+            f"--resume_from_checkpoint {resume} continues the run of {run_dir}, but the output folder {output_dir} "
+            f"holds another run ({', '.join(found[:4])}); resume into {run_dir} (--output_dir {run_dir}), into an "
+            f"empty folder, or replace that run with --overwrite_output_dir")
+    stored = stored_run_config(run_dir)
+    if stored is None:
+        say(f"[opensloth] warning: {run_dir} has no {CONFIG_FILE} (a run older than this check): cannot tell whether "
+            f"its settings match this run's")
+        return
+    stored_curve, current = dict(stored.get("curve", {})), curve_record(config, world_size)
+    if stored_curve.get("dataset") != current.get("dataset"):  # the file sizes say nothing more then
+        stored_curve.pop("data_files", None)
+        current.pop("data_files", None)
+    diffs = config_differences(stored_curve, current)
+    if diffs:
+        raise RunError(
+            f"--resume_from_checkpoint {resume}: this run's settings differ from those of the run that wrote the "
+            f"checkpoint ({run_dir / CONFIG_FILE}) in what changes the loss curve: " + "; ".join(diffs)
+            + ". Resume with the stored values, or start a new run (another --experiment_name or --output_dir)")
+
+
+def start_output_dir(config: TrainConfig, sources: dict[str, str], output_dir: str, world_size: int) -> None:
+    """Global rank 0, once every rank has checked the folder: clear it for --overwrite_output_dir, then store the
+    resolved configuration (`CONFIG_FILE`) that a later resume is checked against."""
+    import dataclasses
+    import shutil
+
+    folder = Path(output_dir)
+    if config.overwrite_output_dir and run_artifacts(folder):  # never the resumed run's own (checked)
+        say(f"[opensloth] --overwrite_output_dir: removing the previous run from {folder}")
+        for p in list(folder.glob("checkpoint-*")) + [folder / "runs"]:
+            shutil.rmtree(p, ignore_errors=True)
+        for pattern in RUN_FILES:
+            for p in folder.glob(pattern):
+                p.unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {
+        "format": 1,
+        "world_size": world_size,
+        "curve": curve_record(config, world_size),
+        "config": {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                   if not f.metadata.get("internal")},
+        "sources": {k: v for k, v in sources.items() if v != "default"},
+    }
+    tmp = folder / f".{CONFIG_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, folder / CONFIG_FILE)
+
+
+def _barrier() -> None:
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _resume_path(config: TrainConfig, output_dir: str) -> str | None:
@@ -676,20 +942,28 @@ def run(config: TrainConfig, sources: dict[str, str]) -> dict:
         say("[opensloth] patches off: plain transformers/TRL DDP" if world_size > 1 else
             "[opensloth] patches off")
     say("[opensloth] " + batch_size_guidance(config, world_size, backend))
+    output_dir = config.resolved_output_dir(world_size)
+    resume = _resume_path(config, output_dir)
+    check_output_dir(config, output_dir, world_size, resume)  # every rank, before anything is written
 
     training_args = make_training_args(config, world_size, backend)  # initialises the process group under torchrun
     model, tokenizer = load_model(config, backend, env.local_rank)
     wiring = wire_collator(config, model, tokenizer, backend)
     train_dataset, eval_dataset, data_info = prepare_datasets(config, tokenizer, world_size)
     data_info["batch_layout"] = wiring.layout
+    if eval_dataset is None and training_args.eval_strategy != "no":
+        training_args.eval_strategy = "no"  # the evaluation records had nothing to evaluate (said above)
+        training_args.do_eval = False
     say(f"[opensloth] data: {len(train_dataset)} training "
         f"{'rows' if config.packing in ('packed', 'balanced') else 'samples'}"
         + (f", {len(eval_dataset)} evaluation" if eval_dataset is not None else ", no evaluation"))
 
     trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset, training_args, backend, wiring)
-    if config.debug_dataloader and is_main_process():
-        write_debug_pages(trainer, train_dataset, config, world_size)
-    resume = _resume_path(config, training_args.output_dir)
+    if config.debug_dataloader:
+        write_debug_pages(trainer, train_dataset, config, env.rank, world_size)
+    _barrier()  # every rank has checked the output folder: rank 0 may now clear it and write into it
+    if trainer.is_world_process_zero():
+        start_output_dir(config, sources, training_args.output_dir, world_size)
     resumed_from = None
     if resume is not None:
         state_file = Path(resume) / "trainer_state.json"

@@ -18,9 +18,9 @@ import importlib
 
 _EXPORTS = {
     "chat": (
-        "CHAT_FORMAT_VERSION", "IGNORE_INDEX", "ChatFormatError", "ChatTokenizeStats", "detect_end_of_turn",
-        "encode_chat", "probe_chat_template", "record_messages", "record_tools", "render_with_spans",
-        "token_mask_from_spans", "tokenize_chat_dataset", "unified_free_form_fields",
+        "CHAT_FORMAT_VERSION", "IGNORE_INDEX", "ChatFormatError", "ChatTokenizeStats", "NothingToTrainError",
+        "detect_end_of_turn", "encode_chat", "probe_chat_template", "record_messages", "record_tools",
+        "render_with_spans", "token_mask_from_spans", "tokenize_chat_dataset", "unified_free_form_fields",
     ),
     "cache": (
         "CacheBuildError", "CacheConfig", "atomic_save_datasets", "cache_dataset_wrapper", "dataset_fingerprint",

@@ -4,8 +4,9 @@ Pipeline (both steps are `Dataset.map(batched=True, num_proc=..., remove_columns
 
 1. Render: each record's conversation (`messages` in the OpenAI / Hugging Face schema, with `tool_calls` and `tool`
    turns and a per-record `tools` list; Capybara's `conversation` of input/output pairs; ShareGPT's `conversations`
-   of from/value turns) is validated and rendered with `tokenizer.apply_chat_template(messages, tools=...)` into a
-   `text` column, together with the character spans of the assistant turns *in that rendered text*.
+   of from/value turns; TRL's `prompt` + `completion`, whose prompt is not trained) is validated and rendered with
+   `tokenizer.apply_chat_template(messages, tools=...)` into a `text` column, together with the character spans of
+   the assistant turns *in that rendered text*.
 2. Tokenise: `text` is encoded with offsets (no special tokens added: the template already wrote them) and
    the character spans are mapped to tokens, giving `input_ids` and `labels` (and optionally `assistant_masks`).
 
@@ -34,9 +35,10 @@ there a suffix of that text; the longest suffix that the whole conversation has 
 Bad records (no conversation field, an empty conversation, an unknown role, non-string content, malformed
 `tool_calls` or `tools`, no assistant turn when training assistant-only, a template that fails on the record or
 whose renderings cannot be aligned) raise `ChatFormatError` naming the record (`file:line` for records read by
-`opensloth.data.shared.read_chat_records`), or with `on_error="skip"` are dropped and counted in the log. Records
-longer than `max_seq_length` are truncated (or dropped with `overflow="drop"`); either way they are counted and
-logged.
+`opensloth.data.shared.read_chat_records`, else `record N` numbered from 1), or with `on_error="skip"` are dropped
+and counted in the log. Records longer than `max_seq_length` are truncated (or dropped with `overflow="drop"`);
+either way they are counted and logged. A record left with no trained token (truncation cut every answer) is
+dropped and counted; when none is left, `NothingToTrainError` says why and what to change.
 """
 
 from __future__ import annotations
@@ -68,12 +70,20 @@ class ChatFormatError(ValueError):
     """A record cannot be turned into a correctly labelled conversation; the message names the record."""
 
 
+class NothingToTrainError(ValueError):
+    """No record trains any token (every answer truncated away, ...); `stats` holds the counts behind the message."""
+
+    def __init__(self, message: str, stats: ChatTokenizeStats):
+        super().__init__(message)
+        self.stats = stats
+
+
 def _record_name(index: int | None, record: Mapping | None) -> str:
     source = getattr(record, "source", None)  # opensloth.data.shared.ChatRecord: "file:line"
     if source:
         name = str(source)
     else:
-        name = f"record {index}" if index is not None else "record"
+        name = f"record {index + 1}" if index is not None else "record"  # numbered from 1, like file lines
     if isinstance(record, Mapping):
         rid = record.get("id")
         if rid is not None:
@@ -121,21 +131,58 @@ def _sharegpt_call(value: Any, name: str, j: int) -> list[dict]:
     return [{"type": "function", "function": c} for c in calls]
 
 
-def record_messages(record: Mapping, index: int | None = None, *, messages_field: str | None = None) -> list[dict]:
+PROMPT_COMPLETION_FIELDS = ("prompt", "completion")
+
+
+def _prompt_completion(record: Mapping, name: str) -> tuple[list, int]:
+    """TRL's prompt-completion records as turns: `{"prompt": str, "completion": str}` (a user and an assistant turn)
+    or `{"prompt": [messages], "completion": [messages]}`. Returns (turns, number of prompt turns)."""
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], 1
+    prompt = _json_field(prompt, "'prompt'", name) if isinstance(prompt, str) and prompt.lstrip().startswith("[") \
+        else prompt
+    completion = _json_field(completion, "'completion'", name) \
+        if isinstance(completion, str) and completion.lstrip().startswith("[") else completion
+    if not (isinstance(prompt, list) and isinstance(completion, list)):
+        raise ChatFormatError(
+            f"{name}: 'prompt' is {type(prompt).__name__} and 'completion' is {type(completion).__name__}; expected "
+            f"two strings, or two lists of messages (role/content)")
+    if not completion:
+        raise ChatFormatError(f"{name}: 'completion' is an empty list of messages")
+    return list(prompt) + list(completion), len(prompt)
+
+
+def _record_conversation(record: Mapping, index: int | None, messages_field: str | None) -> tuple[list[dict], int]:
+    """(validated messages, index of the first message whose assistant turns are trained): 0, except for a
+    prompt-completion record, whose prompt is never trained."""
+    name = _record_name(index, record)
+    if (messages_field is None and isinstance(record, Mapping)
+            and not any(record.get(f) is not None for f in CONVERSATION_FIELDS)
+            and all(record.get(f) is not None for f in PROMPT_COMPLETION_FIELDS)):
+        turns, n_prompt = _prompt_completion(record, name)
+        return record_messages({"messages": turns}, index, _name=name), n_prompt
+    return record_messages(record, index, messages_field=messages_field), 0
+
+
+def record_messages(record: Mapping, index: int | None = None, *, messages_field: str | None = None,
+                    _name: str | None = None) -> list[dict]:
     """Return a record's conversation as validated messages `[{"role", "content", ...}, ...]`.
 
     Accepts `messages` (role/content, OpenAI / Hugging Face schema: assistant `tool_calls`, `tool` turns, any extra
     per-message keys such as `reasoning_content` or `tool_call_id` are kept), Capybara's `conversation` (list of
     `{"input", "output"}` pairs: input is the user's turn, output the assistant's) and ShareGPT's `conversations`
     (`{"from", "value"}` with human/gpt/system, and `function_call`/`observation` turns for tool calls and their
-    results). The conversation field may also hold the list as a JSON string. Values are kept as written; keys whose
+    results); `tokenize_chat_dataset` and `encode_chat` also take TRL's prompt-completion records (`prompt` and
+    `completion`: two strings, or two message lists; the prompt is not trained). The conversation field may also
+    hold the list as a JSON string. Values are kept as written; keys whose
     value is None are dropped (an Arrow dataset fills missing keys with None), except an assistant's `content` next
     to its `tool_calls`.
 
     Raises ChatFormatError naming the record for a missing field, an empty conversation, an unknown role, a
     non-string content, or malformed tool calls.
     """
-    name = _record_name(index, record)
+    name = _name or _record_name(index, record)
     if not isinstance(record, Mapping):
         raise ChatFormatError(f"{name} is a {type(record).__name__}, expected a dict with a 'messages' list")
     if messages_field is not None:
@@ -143,11 +190,14 @@ def record_messages(record: Mapping, index: int | None = None, *, messages_field
     else:
         fields = tuple(f for f in CONVERSATION_FIELDS if record.get(f) is not None)
     if not fields or record.get(fields[0]) is None:
-        expected = list(CONVERSATION_FIELDS) if messages_field is None else [messages_field]
-        raise ChatFormatError(
-            f"{name} has no conversation: expected one of the fields {expected}, found {sorted(record.keys())}; "
-            f"pass messages_field=... to name the column"
-        )
+        if messages_field is None:
+            expected = (f"one of the fields {list(CONVERSATION_FIELDS)} (a list of turns), or 'prompt' and "
+                        f"'completion' (TRL's prompt-completion records; see TRAINING_README.md, Record schemas)")
+            if any(record.get(f) is not None for f in PROMPT_COMPLETION_FIELDS):
+                expected += "; this record has only one of 'prompt' and 'completion'"
+        else:
+            expected = f"the field {messages_field!r} (messages_field)"
+        raise ChatFormatError(f"{name} has no conversation: expected {expected}, found {sorted(record.keys())}")
     field_name = fields[0]
     turns = record[field_name]
     if isinstance(turns, str) and turns.lstrip().startswith("["):
@@ -493,6 +543,7 @@ def render_with_spans(
     record_name: str = "record",
     tools: list | None = None,
     probe: TemplateProbe | None = None,
+    trained_from: int = 0,
     **template_kwargs: Any,
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render a validated conversation (with its `tools`) and find each assistant turn's trained span in it.
@@ -500,7 +551,8 @@ def render_with_spans(
     Returns `(text, spans)`: `text` is exactly `apply_chat_template(messages, tools=tools, tokenize=False)`;
     spans are `(start, end)` character offsets into `text`, one per assistant message, from the first character the
     assistant produces through the end-of-turn string that closes the turn (see the module docstring). `probe`
-    (from `probe_chat_template`) is computed when not given.
+    (from `probe_chat_template`) is computed when not given. Assistant messages before index `trained_from` (the
+    prompt of a prompt-completion record) get no span.
     """
     if end_of_turn == "auto":
         end_of_turn = detect_end_of_turn(tokenizer, chat_template)
@@ -511,7 +563,7 @@ def render_with_spans(
     spans: list[tuple[int, int]] = []
     prev_end = 0
     for j, msg in enumerate(messages):
-        if msg["role"] != "assistant":
+        if msg["role"] != "assistant" or j < trained_from:
             continue
         span = _assistant_span(messages, j, text, prev_end, tokenizer=tokenizer, tools=tools,
                                end_of_turn=end_of_turn, probe=probe, chat_template=chat_template,
@@ -551,21 +603,56 @@ class ChatTokenizeStats:
     trained_tokens: int = 0
     trained_tokens_cut: int = 0
     no_trained_tokens: int = 0
+    dropped_no_trained: int = 0
+    no_trained_by_truncation: int = 0
+    first_answer_min: int | None = None
+    first_answer_median: int | None = None
     max_seq_length: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def untrained_reason(self) -> str:
+        """Why `dropped_no_trained` records train nothing, in parameter terms (for a log line or an error)."""
+        parts = []
+        if self.no_trained_by_truncation:
+            parts.append(
+                f"{self.no_trained_by_truncation} lost every answer to truncation at max_seq_length="
+                f"{self.max_seq_length} (their first answer token is at position {self.first_answer_min} at the "
+                f"earliest, {self.first_answer_median} at the median)")
+        other = self.dropped_no_trained - self.no_trained_by_truncation
+        if other:
+            parts.append(f"{other} have no trained token even untruncated (an empty or one-token answer, or a chat "
+                         f"template whose assistant turns render no text)")
+        return "; ".join(parts)
+
+    def nothing_to_train_message(self) -> str:
+        fix = []
+        if self.no_trained_by_truncation:
+            fix.append(f"raise max_seq_length above {self.first_answer_min} (the median record needs "
+                       f"{self.first_answer_median + 1})")
+        if self.dropped_no_trained > self.no_trained_by_truncation:
+            fix.append("check the records' assistant turns and the chat template")
+        fix.append("or train on every token (assistant_only=False)")
+        return (f"none of the {self.records_in} records has a trained token left: {self.untrained_reason()}. "
+                f"To train on them, {', '.join(fix)}")
+
     def log(self) -> None:
         logger.info(
             "chat formatting: %d records in, %d out; %d skipped; %d truncated to max_seq_length=%s (%d tokens cut, "
-            "%d of them trained); %d dropped as too long; %d tokens kept, %d trained; %d records have no trained token",
+            "%d of them trained); %d dropped as too long; %d dropped for training no token; %d tokens kept, %d "
+            "trained",
             self.records_in, self.records_out, self.skipped, self.truncated, self.max_seq_length, self.tokens_cut,
-            self.trained_tokens_cut, self.dropped_too_long, self.tokens, self.trained_tokens, self.no_trained_tokens,
+            self.trained_tokens_cut, self.dropped_too_long, self.dropped_no_trained, self.tokens, self.trained_tokens,
         )
+        if self.no_trained_tokens:
+            logger.warning("%d kept records train no token (drop_untrained=False)", self.no_trained_tokens)
         if self.skipped:
             for reason, count in sorted(self.skip_reasons.items(), key=lambda kv: -kv[1])[:5]:
                 logger.warning("skipped %d record(s): %s", count, reason)
+        if self.dropped_no_trained:
+            logger.warning("dropped %d of %d records that train no token: %s", self.dropped_no_trained,
+                           self.records_in, self.untrained_reason())
 
 
 def _check_options(max_seq_length, overflow, on_error) -> None:
@@ -578,7 +665,10 @@ def _check_options(max_seq_length, overflow, on_error) -> None:
 
 
 def _encode_one(ids, offsets, spans, assistant_only: bool, max_seq_length: int | None):
-    """Labels for one rendered text; returns (ids, labels, mask, n_full, n_trained_full)."""
+    """Labels for one rendered text; returns (ids, labels, mask, n_full, n_trained_full, first_trained).
+
+    `first_trained`: the position of the first label that a causal LM learns from (a position >= 1: the label at
+    position 0 has no token before it to predict it), -1 when there is none, counted before truncation."""
     ids = np.asarray(ids, dtype=np.int64)
     if offsets is None:
         mask = np.ones(len(ids), dtype=bool)
@@ -590,9 +680,11 @@ def _encode_one(ids, offsets, spans, assistant_only: bool, max_seq_length: int |
         trained = mask
     labels = np.where(trained, ids, IGNORE_INDEX)
     n_full, n_trained_full = len(ids), int(trained.sum())
+    learnt = np.flatnonzero(trained[1:])
+    first_trained = int(learnt[0]) + 1 if len(learnt) else -1
     if max_seq_length is not None and len(ids) > max_seq_length:
         ids, labels, mask = ids[:max_seq_length], labels[:max_seq_length], mask[:max_seq_length]
-    return ids, labels, mask, n_full, n_trained_full
+    return ids, labels, mask, n_full, n_trained_full, first_trained
 
 
 def _check_tools(tools) -> list | None:
@@ -624,24 +716,30 @@ def encode_chat(
     """
     tools = _check_tools(tools)
     if isinstance(record_or_messages, Mapping):
-        messages = record_messages(record_or_messages, messages_field=messages_field)
+        messages, trained_from = _record_conversation(record_or_messages, None, messages_field)
         tools = record_tools(record_or_messages, default=tools)
         name = _record_name(None, record_or_messages)
     else:
-        messages = record_messages({"messages": record_or_messages})
+        messages, trained_from = record_messages({"messages": record_or_messages}), 0
         name = "conversation"
-    if assistant_only and not any(m["role"] == "assistant" for m in messages):
-        raise ChatFormatError(f"{name} has no assistant message, so assistant-only training has nothing to learn")
+    _check_has_answer(messages, trained_from, assistant_only, name)
     text, spans = render_with_spans(
         messages, tokenizer, end_of_turn=end_of_turn, chat_template=chat_template, record_name=name, tools=tools,
-        **template_kwargs,
+        trained_from=trained_from, **template_kwargs,
     )
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, labels, mask, _, _ = _encode_one(
+    ids, labels, mask, *_ = _encode_one(
         enc["input_ids"], enc["offset_mapping"], spans, assistant_only, max_seq_length
     )
     return {"input_ids": ids.tolist(), "labels": labels.tolist(), "assistant_masks": mask.astype(np.int8).tolist(),
             "text": text}
+
+
+def _check_has_answer(messages: list[dict], trained_from: int, assistant_only: bool, name: str) -> None:
+    if assistant_only and not any(m["role"] == "assistant" for m in messages[trained_from:]):
+        where = "in its completion" if trained_from else ""
+        raise ChatFormatError(f"{name} has no assistant message{' ' + where if where else ''}, so assistant-only "
+                              f"training has nothing to learn")
 
 
 def _render_batch(batch, indices, *, tokenizer, messages_field, assistant_only, end_of_turn, probe, chat_template,
@@ -655,18 +753,16 @@ def _render_batch(batch, indices, *, tokenizer, messages_field, assistant_only, 
                 name = batch["_name"][i]
                 messages = json.loads(batch["_messages_json"][i])
                 rec_tools = json.loads(batch["_tools_json"][i])
+                trained_from = batch["_trained_from"][i]
             else:
                 record = {k: batch[k][i] for k in keys}
                 name = _record_name(idx, record)
-                messages = record_messages(record, idx, messages_field=messages_field)
+                messages, trained_from = _record_conversation(record, idx, messages_field)
                 rec_tools = record_tools(record, idx, default=tools)
-            if assistant_only and not any(m["role"] == "assistant" for m in messages):
-                raise ChatFormatError(
-                    f"{name} has no assistant message, so assistant-only training has nothing to learn"
-                )
+            _check_has_answer(messages, trained_from, assistant_only, name)
             text, spans = render_with_spans(
                 messages, tokenizer, end_of_turn=end_of_turn, chat_template=chat_template, record_name=name,
-                tools=rec_tools, probe=probe, **template_kwargs,
+                tools=rec_tools, probe=probe, trained_from=trained_from, **template_kwargs,
             )
             error = ""
         except ChatFormatError as exc:
@@ -682,18 +778,22 @@ def _render_batch(batch, indices, *, tokenizer, messages_field, assistant_only, 
 def _tokenize_batch(batch, *, tokenizer, assistant_only, max_seq_length, return_assistant_masks):
     need_offsets = assistant_only or return_assistant_masks
     enc = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=need_offsets)
-    out = {"input_ids": [], "labels": [], "_n_full": [], "_n_trained_full": [], "_n_kept": [], "_n_trained_kept": []}
+    out = {"input_ids": [], "labels": [], "_n_full": [], "_n_trained_full": [], "_n_kept": [], "_n_trained_kept": [],
+           "_first_trained": [], "_n_learnt_kept": []}
     if return_assistant_masks:
         out["assistant_masks"] = []
     offsets = enc["offset_mapping"] if need_offsets else [None] * len(enc["input_ids"])
     for ids, offs, spans in zip(enc["input_ids"], offsets, batch["_spans"], strict=True):
-        ids, labels, mask, n_full, n_trained_full = _encode_one(ids, offs, spans, assistant_only, max_seq_length)
+        ids, labels, mask, n_full, n_trained_full, first = _encode_one(ids, offs, spans, assistant_only,
+                                                                       max_seq_length)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["_n_full"].append(n_full)
         out["_n_trained_full"].append(n_trained_full)
         out["_n_kept"].append(len(ids))
         out["_n_trained_kept"].append(int((labels != IGNORE_INDEX).sum()))
+        out["_first_trained"].append(first)
+        out["_n_learnt_kept"].append(int((labels[1:] != IGNORE_INDEX).sum()))
         if return_assistant_masks:
             out["assistant_masks"].append(mask.astype(np.int8))
     return out
@@ -751,6 +851,7 @@ def tokenize_chat_dataset(
     tools: list | None = None,
     overflow: str = "truncate",
     on_error: str = "raise",
+    drop_untrained: bool = True,
     return_assistant_masks: bool = False,
     keep_text: bool = False,
     return_stats: bool = False,
@@ -772,6 +873,10 @@ def tokenize_chat_dataset(
         end_of_turn: the string that closes an assistant turn and is trained with it; "auto" detects it.
         tools: tool definitions passed to `apply_chat_template(tools=...)` for records without their own `tools`.
         on_error: "raise" a ChatFormatError naming the first bad record, or "skip" bad records (counted, logged).
+        drop_untrained: remove the records that train no token once truncated (every answer cut off by
+            `max_seq_length`; a label only at position 0, which no token predicts), counted and logged; when no
+            record is left, raise `NothingToTrainError` saying why and what to change. False keeps them (they add
+            nothing to the loss).
         return_assistant_masks: also emit `assistant_masks` (1 on assistant tokens) whatever `assistant_only` is.
         keep_text: keep the rendered `text` column.
         return_stats: return `(dataset, ChatTokenizeStats)` instead of the dataset.
@@ -800,12 +905,13 @@ def tokenize_chat_dataset(
     if not isinstance(dataset, Dataset):
         records = list(dataset)
         stats.records_in = len(records)
-        columns: dict[str, list] = {"_messages_json": [], "_tools_json": [], "_name": []}
+        columns: dict[str, list] = {"_messages_json": [], "_tools_json": [], "_name": [], "_trained_from": []}
         reasons: Counter = Counter()
         for i, rec in enumerate(records):
             name = _record_name(i, rec)
             try:
-                messages = _serialise(record_messages(rec, i, messages_field=messages_field), name, "messages")
+                conversation, trained_from = _record_conversation(rec, i, messages_field)
+                messages = _serialise(conversation, name, "messages")
                 rec_tools = _serialise(record_tools(rec, i, default=tools), name, "tools")
             except ChatFormatError as exc:
                 if on_error == "raise":
@@ -815,6 +921,7 @@ def tokenize_chat_dataset(
             columns["_messages_json"].append(messages)
             columns["_tools_json"].append(rec_tools)
             columns["_name"].append(name)
+            columns["_trained_from"].append(trained_from)
         if not columns["_name"]:
             first = next(iter(reasons), "")
             raise ValueError(f"no usable records among {len(records)}; first reason: {first}")
@@ -871,22 +978,37 @@ def tokenize_chat_dataset(
     n_trained_full = _column_numpy(tokenized, "_n_trained_full")
     n_kept = _column_numpy(tokenized, "_n_kept")
     n_trained_kept = _column_numpy(tokenized, "_n_trained_kept")
+    first_trained = _column_numpy(tokenized, "_first_trained")
+    learnt = _column_numpy(tokenized, "_n_learnt_kept") > 0
     too_long = n_full > n_kept
     keep_mask = np.ones(len(n_full), dtype=bool)
-    if overflow == "drop" and too_long.any():
+    if overflow == "drop":
         stats.dropped_too_long = int(too_long.sum())
-        keep_mask = ~too_long
-        tokenized = tokenized.select(np.flatnonzero(keep_mask))
+        keep_mask &= ~too_long
     else:
         stats.truncated = int(too_long.sum())
         stats.tokens_cut = int((n_full - n_kept).sum())
         stats.trained_tokens_cut = int((n_trained_full - n_trained_kept).sum())
-    tokenized = tokenized.remove_columns(["_n_full", "_n_trained_full", "_n_kept", "_n_trained_kept"])
+    untrained = keep_mask & ~learnt
+    if drop_untrained and untrained.any():
+        cut = untrained & (first_trained >= 0)  # it had an answer, which truncation removed
+        stats.dropped_no_trained = int(untrained.sum())
+        stats.no_trained_by_truncation = int(cut.sum())
+        if cut.any():
+            stats.first_answer_min = int(first_trained[cut].min())
+            stats.first_answer_median = int(np.median(first_trained[cut]))
+        keep_mask &= learnt
+    if not keep_mask.all():
+        tokenized = tokenized.select(np.flatnonzero(keep_mask))
+    tokenized = tokenized.remove_columns(["_n_full", "_n_trained_full", "_n_kept", "_n_trained_kept",
+                                          "_first_trained", "_n_learnt_kept"])
     stats.records_out = len(tokenized)
     stats.tokens = int(n_kept[keep_mask].sum())
     stats.trained_tokens = int(n_trained_kept[keep_mask].sum())
-    stats.no_trained_tokens = int((n_trained_kept[keep_mask] == 0).sum())
+    stats.no_trained_tokens = int((keep_mask & ~learnt).sum())
     stats.log()
+    if drop_untrained and stats.records_out == 0 and stats.dropped_no_trained:
+        raise NothingToTrainError(stats.nothing_to_train_message(), stats)
     return (tokenized, stats) if return_stats else tokenized
 
 
@@ -895,6 +1017,7 @@ __all__ = [
     "IGNORE_INDEX",
     "ChatFormatError",
     "ChatTokenizeStats",
+    "NothingToTrainError",
     "TemplateProbe",
     "detect_end_of_turn",
     "encode_chat",

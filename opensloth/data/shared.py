@@ -43,7 +43,7 @@ def shared_chat_paths(name: str, chat_dir: str | os.PathLike | None = None) -> l
 class ChatRecord(dict):
     """A chat record read from a file: a plain dict that also knows where it came from.
 
-    ``source`` is ``"path:line"`` (1-based line of a JSONL file) or ``"path[i]"`` (item ``i`` of a ``.json`` list);
+    ``source`` is ``"path:line"``: the 1-based line of a JSONL file, or the line a ``.json`` list's item starts on;
     ``opensloth.data.chat`` names a bad record by it.
     """
 
@@ -56,10 +56,53 @@ def _make_record(data: dict, source: str | None) -> ChatRecord:
     return rec
 
 
+def _json_list_items(text: str) -> list[tuple[object, int]] | None:
+    """The items of a JSON list with the 1-based line each starts on; None when the text is not a list. Raises
+    ValueError naming the line of a syntax error."""
+    decoder = json.JSONDecoder()
+    ws = " \t\n\r"
+    i = len(text) - len(text.lstrip(ws + "\ufeff"))
+    if not text.startswith("[", i):
+        return None
+    items: list[tuple[object, int]] = []
+    line, counted = 1, 0
+
+    def line_at(pos: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, pos)
+        counted = pos
+        return line
+
+    i += 1
+    while True:
+        while i < len(text) and text[i] in ws:
+            i += 1
+        if text.startswith("]", i) and not items:
+            break
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except ValueError as exc:
+            raise ValueError(f"line {line_at(i)}: not valid JSON ({exc})") from None
+        items.append((obj, line_at(i)))
+        i = end
+        while i < len(text) and text[i] in ws:
+            i += 1
+        if text.startswith(",", i):
+            i += 1
+        elif text.startswith("]", i):
+            break
+        else:
+            raise ValueError(f"line {line_at(i)}: expected ',' or ']' after a list item")
+    if text[i + 1:].strip(ws):
+        raise ValueError(f"line {line_at(i + 1)}: extra data after the list")
+    return items
+
+
 def read_chat_records(path: str | os.PathLike, *, progress: bool = False, on_error: str = "raise") -> list[dict]:
     """The records of a JSONL file (one JSON object per non-blank line) or of a ``.json`` file holding a list.
 
-    Each record is a ``ChatRecord`` (a dict) whose ``source`` names its file and 1-based line. Nested values are kept
+    Each record is a ``ChatRecord`` (a dict) whose ``source`` names its file and 1-based line (where a ``.json``
+    list's item starts). Nested values are kept
     exactly as written (no schema is imposed across records). A line that is not a JSON object raises ValueError
     naming file and line, or with ``on_error="skip"`` is left out, counted and logged. ``progress`` shows a tqdm bar.
     """
@@ -80,11 +123,16 @@ def read_chat_records(path: str | os.PathLike, *, progress: bool = False, on_err
         records.append(_make_record(obj, where))
 
     if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, list):
+        text = path.read_text(encoding="utf-8")
+        try:
+            items = _json_list_items(text)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        if items is None:
+            data = json.loads(text)
             raise ValueError(f"{path} holds a JSON {type(data).__name__}; expected a list of chat records")
-        for i, obj in enumerate(data):
-            add(obj, f"{path}[{i}]")
+        for obj, lineno in items:
+            add(obj, f"{path}:{lineno}")
     else:
         with open(path, encoding="utf-8") as fh:
             lines = fh

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "train_scripts" / "train_configurable.py"
-STEPS, SAVE_EVERY = 6, 3
+STEPS, SAVE_EVERY, LOG_EVERY = 6, 3, 4
 # Global batch 8 samples per optimizer step in both layouts: 4 x 2 accumulation x 1 process = 4 x 1 x 2 processes.
 COMMON = ["--preset", "tiny", "--train_samples", "64", "--test_samples", "8", "--max_steps", str(STEPS),
           "--per_device_batch_size", "4", "--logging_steps", "1", "--save_strategy", "steps",
@@ -72,9 +72,12 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def single(workdir):
+    """One process, logging every LOG_EVERY steps only (the 2-process run logs every step): the last step is logged
+    on its own all the same, so both runs' final losses are step 6's."""
     out_dir = workdir / "ws1"
-    proc = _train(COMMON + ["--grad_accum", "2", "--output_dir", str(out_dir), "--cache_dir", str(workdir / "cache"),
-                            "--debug_dataloader", "1"], workdir)
+    args = [str(LOG_EVERY) if i and COMMON[i - 1] == "--logging_steps" else a for i, a in enumerate(COMMON)]
+    proc = _train(args + ["--grad_accum", "2", "--output_dir", str(out_dir), "--cache_dir", str(workdir / "cache"),
+                          "--debug_dataloader", "1"], workdir)
     return out_dir, _summary(out_dir), proc.stdout, workdir
 
 
@@ -90,8 +93,8 @@ def resumed(workdir, single):
 @pytest.fixture(scope="module")
 def ddp(workdir):
     out_dir = workdir / "ws2"
-    _train(COMMON + ["--grad_accum", "1", "--output_dir", str(out_dir), "--cache_dir", str(workdir / "cache")],
-           workdir, nproc=2)
+    _train(COMMON + ["--grad_accum", "1", "--output_dir", str(out_dir), "--cache_dir", str(workdir / "cache"),
+                     "--debug_dataloader", "1"], workdir, nproc=2)
     return out_dir, _summary(out_dir)
 
 
@@ -113,14 +116,15 @@ def test_single_process_trains(single):
     assert s["rank_work_max_over_mean"] == pytest.approx(1.0)
     assert s["data"]["built_here"] is True
     assert "OpenSloth training configuration:" in stdout and "OpenSloth run summary:" in stdout
-    page = workdir / ".log" / "tiny_ws1_batch_000.html"  # --debug_dataloader 1, relative to the working directory
+    page = workdir / ".log" / "tiny_ws1_rank0_batch_000.html"  # --debug_dataloader 1, relative to the working dir
     assert page.is_file() and "<html" in page.read_text(encoding="utf-8").lower()
 
 
 def test_single_process_writes_tensorboard_and_checkpoints(single):
     out_dir, s = single[:2]
     losses = _tb_losses(out_dir)
-    assert sorted(losses) == list(range(1, STEPS + 1))
+    # the first step, every LOG_EVERY-th, and the last two: the last log covers the last step alone
+    assert sorted(losses) == [1, LOG_EVERY, STEPS - 1, STEPS] and s["final_logged_step"] == STEPS
     assert losses[1] == pytest.approx(s["first_train_loss"], rel=1e-4)
     assert losses[STEPS] == pytest.approx(s["final_train_loss"], rel=1e-4)
     for step in (SAVE_EVERY, STEPS):
@@ -149,8 +153,13 @@ def test_torchrun_two_processes(single, ddp):
     out_dir, s = ddp
     _check_figures(s, 2)
     assert s["run_name"] == "tiny_ws2" and s["patches"] is True
-    # same global batch as the single-process run (8 samples per step), and DDP averages gradients exactly
+    # same global batch as the single-process run (8 samples per step), and DDP averages gradients exactly; this run
+    # logs every step, the single one every LOG_EVERY-th: both final losses are the last step's alone
     assert s["final_train_loss"] == pytest.approx(s_full["final_train_loss"], rel=1e-3)
     assert s["final_eval_loss"] == pytest.approx(s_full["final_eval_loss"], rel=1e-3)
     assert sorted(_tb_losses(out_dir)) == list(range(1, STEPS + 1))  # rank 0 alone writes events
     assert (out_dir / f"checkpoint-{STEPS}" / "trainer_state.json").is_file()
+    # every rank wrote its own batch preview, of its own micro-batch
+    pages = [out_dir.parent / ".log" / f"tiny_ws2_rank{r}_batch_000.html" for r in (0, 1)]
+    assert all(p.is_file() for p in pages)
+    assert pages[0].read_text(encoding="utf-8") != pages[1].read_text(encoding="utf-8")
