@@ -168,6 +168,10 @@ def ddp_patch(
     apply_loss_scaling_fix()
     if env.world_size > 1:
         default_find_unused_parameters()
+        if device.type == "cpu":
+            from opensloth.patching.cpu_resume import allow_indexed_cpu_locations
+
+            allow_indexed_cpu_locations()  # resume loads the optimizer onto cpu:<rank>; torch.load lacks that tag
     if balance_ranks:
         from opensloth.patching.dataloader import maybe_install_balanced_sampler
 

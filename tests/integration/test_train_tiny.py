@@ -163,3 +163,18 @@ def test_torchrun_two_processes(single, ddp):
     pages = [out_dir.parent / ".log" / f"tiny_ws2_rank{r}_batch_000.html" for r in (0, 1)]
     assert all(p.is_file() for p in pages)
     assert pages[0].read_text(encoding="utf-8") != pages[1].read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("source", ["ws2", "ws1"])
+def test_torchrun_resumes_from_a_checkpoint_of_any_world_size(workdir, single, ddp, source):
+    """Two processes on the CPU resume from a two-process checkpoint and from a one-process one (same global batch)
+    and end where the uninterrupted runs did (issue 15: this failed restoring the optimizer onto cpu:0)."""
+    src = (ddp if source == "ws2" else single)[0]
+    out_dir = workdir / f"resumed_ws2_from_{source}"
+    _train(COMMON + ["--grad_accum", "1", "--output_dir", str(out_dir), "--cache_dir", str(workdir / "cache"),
+                     "--resume_from_checkpoint", str(src / f"checkpoint-{SAVE_EVERY}")], workdir, nproc=2)
+    s = _summary(out_dir)
+    assert s["resumed_from_step"] == SAVE_EVERY and s["global_step"] == STEPS and s["world_size"] == 2
+    assert s["final_train_loss"] == pytest.approx(ddp[1]["final_train_loss"], rel=1e-3)
+    assert s["final_eval_loss"] == pytest.approx(ddp[1]["final_eval_loss"], rel=1e-3)
+
