@@ -4,9 +4,9 @@
     python examples/qwen_sft.py                                   # 1 GPU
     torchrun --nproc_per_node=2 examples/qwen_sft.py              # 2 GPUs, same effective batch (see below)
 
-Compared with a single-GPU script, only three lines differ: `ddp_patch()` and
-`patch_optimize_sft_trainer_batch_samples()` right after importing Unsloth, and `device_map=f"cuda:{local_rank}"`
-so that every process loads its own copy of the model on its own GPU. The data goes through TRL as usual
+Compared with a single-GPU script, what differs is one import, two calls right after importing Unsloth
+(`ddp_patch()` and `patch_optimize_sft_trainer_batch_samples()`), and `device_map=f"cuda:{local_rank}"` so that every
+process loads its own copy of the model on its own GPU (with the line that reads `local_rank`). The data goes through TRL as usual
 (conversations -> chat template -> tokens); Unsloth batches them padding-free. Environment variables override the
 model, the data (a hub dataset or a JSONL file of chat records) and the step count.
 """

@@ -96,3 +96,28 @@ def test_without_unsloth_it_says_so(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="opensloth"):
         assert unsloth_varlen.switch_on_unsloth_varlen() == "unavailable"
     assert unsloth_varlen.unsloth_varlen_state() == "no unsloth"
+
+
+def test_ddp_patch_switches_it_on_for_unsloth_on_a_gpu(install, monkeypatch):
+    """ddp_patch() right after `import unsloth` (the README's recipe) switches Unsloth's varlen branch on for a GPU
+    device, and leaves it alone on a CPU or without Unsloth."""
+    import types
+
+    import torch
+
+    from opensloth.patching import ddp_patch as dp
+    from tests.test_ddp_patch import fresh  # noqa: F401  (the fixture restores the Trainer afterwards)
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for device, with_unsloth, want in (("cpu", True, None), ("cuda", False, None), ("cuda", True, "switched")):
+        dispatch = install(fake_dispatch())
+        monkeypatch.setattr(dp, "_state", None)
+        monkeypatch.setattr(dp, "_pin_device", lambda env, d=device: (torch.device(d, 0), "test"))
+        if with_unsloth:
+            monkeypatch.setitem(sys.modules, "unsloth", types.ModuleType("unsloth"))
+        else:
+            monkeypatch.delitem(sys.modules, "unsloth", raising=False)
+        dp.ddp_patch(balance_ranks=False, step_figures=False, token_weighted_eval=False)
+        assert unsloth_varlen.unsloth_varlen_state() == (want or "fallback"), (device, with_unsloth)
+        assert (dispatch._TORCH_VARLEN_ATTN is not None) == (want is not None)

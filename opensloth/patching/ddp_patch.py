@@ -14,6 +14,10 @@ on CPU, which ``ddp_patch`` selects by setting ``ACCELERATE_USE_CPU=true`` when 
 ``ddp_timeout`` of the arguments. ``ddp_patch`` never blocks: it reads and validates the environment, so a launch
 without ``MASTER_ADDR``/``MASTER_PORT`` fails here at once with a message, instead of in a rendezvous later.
 
+Unsloth: when Unsloth is imported and the device is a GPU, ``ddp_patch`` also switches on Unsloth's own
+FlashAttention-2 varlen branch for its packed and padding-free batches where torch is older than 2.12
+(`opensloth.patching.unsloth_varlen`; nothing changes on a newer torch).
+
 ``ddp_find_unused_parameters``: under DDP transformers defaults it to True for a PEFT model, which costs a graph
 traversal every step and breaks reentrant gradient checkpointing. With a world size above 1 ``ddp_patch`` makes the
 Trainer use False when the arguments leave it None (LoRA trains every adapter every step); set
@@ -27,6 +31,7 @@ import functools
 import logging
 import os
 import platform
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,6 +171,11 @@ def ddp_patch(
     from opensloth.patching.loss_scaling import apply_loss_scaling_fix
 
     apply_loss_scaling_fix()
+    if "unsloth" in sys.modules and device.type == "cuda":
+        # Unsloth's packed and padding-free batches: its own varlen kernel, also where torch < 2.12 (a no-op above)
+        from opensloth.patching.unsloth_varlen import switch_on_unsloth_varlen
+
+        switch_on_unsloth_varlen()
     if env.world_size > 1:
         default_find_unused_parameters()
         if device.type == "cpu":
