@@ -1,4 +1,4 @@
-// Balance items over parts (spec: balance in _python.py): LPT and k-way Karmarkar-Karp, the better one (LPT on a
+// Balance items over parts (spec: _python/balance.py): LPT and k-way Karmarkar-Karp, the better one (LPT on a
 // tie), then swap refinement between the heaviest and the lightest part.
 #include <algorithm>
 #include <cstdint>

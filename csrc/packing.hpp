@@ -1,7 +1,7 @@
-// Packing core of OpenSloth: plain C++17, no Python. The pure-Python backend
-// (opensloth/packing/_python.py) is the specification; every function here returns exactly what it returns,
-// tie-breaks included. Inputs are validated by the Python layer; the functions below re-check what memory safety
-// depends on and throw std::invalid_argument otherwise.
+// Packing core of OpenSloth: plain C++17, no Python, one file per algorithm. The pure-Python backend
+// (opensloth/packing/_python/, one module per algorithm like these files) is the specification; every function here
+// returns exactly what it returns, tie-breaks included. Inputs are validated by the Python layer; the functions
+// below re-check what memory safety depends on and throw std::invalid_argument otherwise.
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// Exact padded partition (spec: partition_padded in _python.py): f[k][j] = min_i f[k-1][i] + s[i] * (j - i) by
+// Exact padded partition (spec: _python/partition.py): f[k][j] = min_i f[k-1][i] + s[i] * (j - i) by
 // divide and conquer over j, with the spec's smallest-argmin rule, INF convention and numpy's wrapping int64
 // products.
 #include <cstdint>
