@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -157,13 +159,72 @@ def test_balance_rejects_non_bool_equal_count(backend):
         lambda v: np.repeat(np.asarray(v, dtype=np.int64), 2)[::2],  # non-contiguous view
         lambda v: torch.tensor(v, dtype=torch.int32),
         lambda v: torch.tensor(v, dtype=torch.float64),
+        lambda v: torch.tensor(v, dtype=torch.bfloat16),  # no numpy dtype: read exactly through float64
+        lambda v: torch.tensor(v, dtype=torch.float16),
+        lambda v: torch.tensor(v, dtype=torch.float32).to(torch.float8_e4m3fn),
+        lambda v: np.ma.array(v, mask=np.zeros(len(v), dtype=bool)),  # a masked array with nothing masked
     ],
-    ids=["list", "tuple", "int8", "uint16", "int32", "float32", "strided", "torch-int32", "torch-float64"],
+    ids=["list", "tuple", "int8", "uint16", "int32", "float32", "strided", "torch-int32", "torch-float64",
+         "torch-bfloat16", "torch-float16", "torch-float8", "masked-none-masked"],
 )
 def test_accepted_input_types_give_the_same_plan(backend, make):
     values = [7, 3, 5, 1, 8, 2, 2, 6]
     reference = pack_lengths(values, 10, backend=backend)
     assert pack_lengths(make(values), 10, backend=backend) == reference
+
+
+def test_bfloat16_tensors_are_checked_like_other_floats(backend):
+    with pytest.raises(ValueError, match=r"lengths\[1\] = 2.5 has a fractional part"):
+        pack_lengths(torch.tensor([4.0, 2.5], dtype=torch.bfloat16), 8, backend=backend)
+    costs = torch.tensor([3, 3, 2, 2, 2], dtype=torch.bfloat16)
+    assert [p.tolist() for p in balance(costs, 2, backend=backend)] == \
+        [p.tolist() for p in balance([3, 3, 2, 2, 2], 2, backend=backend)]
+    assert [p.tolist() for p in partition_padded(costs, 2, backend=backend)] == \
+        [p.tolist() for p in partition_padded([3, 3, 2, 2, 2], 2, backend=backend)]
+
+
+def test_tensor_dtypes_numpy_cannot_hold_are_a_clear_type_error(backend):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "ComplexHalf support is experimental"
+        tensor = torch.tensor([1, 2]).to(torch.complex32)
+    with pytest.raises(TypeError, match=r"lengths is a torch tensor of dtype torch.complex32.*lengths\.long\(\)"):
+        pack_lengths(tensor, 8, backend=backend)
+
+
+_MASKED = np.ma.array([3, 5, 2, 4], mask=[False, True, False, True])
+_MASKED_MESSAGE = (r"{name} is a numpy masked array with 2 masked values \(the first at index 1\).*"
+                   r"{name}\.compressed\(\).*{name}\.filled\(")
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda b: pack_lengths(_MASKED, 8, backend=b), "lengths"),
+    (lambda b: partition_padded(_MASKED, 2, backend=b), "lengths"),
+    (lambda b: balance(_MASKED, 2, backend=b), "costs"),
+], ids=["pack_lengths", "partition_padded", "balance"])
+def test_masked_values_are_refused_not_silently_used(backend, call, name):
+    """A masked entry must not be packed as if it were data: every function refuses it and says how to drop or fill
+    it (before, the mask was ignored and item 1 was packed with its hidden value)."""
+    with pytest.raises(ValueError, match=_MASKED_MESSAGE.format(name=name)):
+        call(backend)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(values=np.ma.array(np.arange(6), mask=[0, 1, 0, 1, 0, 0])), "values"),
+    (dict(values=[np.arange(6), np.ma.array(np.arange(6), mask=[0, 1, 0, 1, 0, 0])], chunks=[1]), r"values\[1\]"),
+    (dict(starts=np.ma.array([0, 1, 2, 3], mask=[0, 1, 0, 1])), "starts"),
+    (dict(lengths=np.ma.array([1, 1, 1, 1], mask=[0, 1, 0, 1])), "lengths"),
+    (dict(order=np.ma.array([0, 1, 2, 3], mask=[0, 1, 0, 1])), "order"),
+], ids=["values", "values-chunk", "starts", "lengths", "order"])
+def test_gather_refuses_masked_arrays(backend, kwargs, name):
+    from opensloth.packing._gather import gather_segments
+
+    args = dict(values=np.arange(6), starts=[0], lengths=[1], order=None, chunks=None)
+    if "values" not in kwargs or "chunks" in kwargs:
+        args.update(starts=[0, 1, 2, 3], lengths=[1, 1, 1, 1])
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=_MASKED_MESSAGE.format(name=name)):
+        gather_segments(args.pop("values"), args.pop("starts"), args.pop("lengths"), args.pop("order"),
+                        backend=backend, **args)
 
 
 def test_inputs_are_not_modified(backend):

@@ -20,14 +20,46 @@ MAX_EMPTY_PARTS = 1 << 16  # balance(): num_parts may exceed the item count up t
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def unmasked(values: np.ndarray, name: str) -> np.ndarray:
+    """The data of a numpy masked array with nothing masked (any other array as it is). A masked entry is refused:
+    reading the hidden value would pack it as if it were data, and leaving it out would shift every index after
+    it, so the caller chooses."""
+    if not isinstance(values, np.ma.MaskedArray):
+        return values
+    data = np.ma.getdata(values)
+    mask = np.ma.getmaskarray(values)
+    if data.ndim == 1 and mask.any():
+        count = int(mask.sum())
+        raise ValueError(
+            f"{name} is a numpy masked array with {count} masked value{'s' if count > 1 else ''} (the first at index "
+            f"{first_true(mask)}), and masked entries are not skipped: pass {name}.compressed() to leave them out "
+            f"(indices then count the kept entries only) or {name}.filled(value) to give them a value"
+        )
+    return data
+
+
+def torch_to_numpy(tensor: Any, name: str) -> np.ndarray:
+    """A torch tensor as a numpy array, on the CPU and detached. Floating dtypes numpy has no equivalent for
+    (bfloat16, float8) are read through float64, which holds every one of their values exactly."""
+    tensor = tensor.detach().cpu()
+    try:
+        return tensor.numpy()
+    except TypeError:
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name} is a torch tensor of dtype {tensor.dtype}, which numpy cannot hold; pass "
+                            f"integers (e.g. {name}.long())") from None
+        return tensor.double().numpy()
+
+
 def to_numpy(values: Any, name: str) -> np.ndarray:
     if isinstance(values, (str, bytes)) or values is None or isinstance(values, dict):
         raise TypeError(f"{name} must be a 1-D sequence of integers (list, numpy array or torch tensor), "
                         f"got {type(values).__name__}")
     module = type(values).__module__ or ""
     if module.startswith("torch") and hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
+        values = torch_to_numpy(values, name)
     if isinstance(values, np.ndarray):
+        values = unmasked(values, name)
         arr = values
     else:
         try:
@@ -57,6 +89,8 @@ def int64_values(values: Any, name: str, *, low: int, high: int | None, high_nam
     if arr.size == 0:
         raise ValueError(f"{name} is empty; pass at least one value")
     if arr.dtype.kind == "f":
+        if arr.dtype.itemsize < 8:
+            arr = arr.astype(np.float64)  # exact; float16 cannot even hold the int64 limit it is compared with
         finite = np.isfinite(arr)
         if not finite.all():
             i = int(np.argmin(finite))
@@ -187,7 +221,7 @@ class GatherPlan:
 
 
 def index_array(values: Any, name: str) -> np.ndarray:
-    arr = values if isinstance(values, np.ndarray) else np.asarray(values)
+    arr = unmasked(values, name) if isinstance(values, np.ndarray) else np.asarray(values)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array of integers, got shape {arr.shape}")
     if arr.dtype == np.int64 and arr.flags.c_contiguous:
@@ -225,6 +259,7 @@ def check_segments(
         name = "values" if isinstance(values, np.ndarray) else f"values[{c}]"
         if not isinstance(src, np.ndarray):
             raise TypeError(f"{name} must be a numpy array, got {type(src).__name__}")
+        src = sources[c] = unmasked(src, name)
         if src.ndim != 1:
             raise ValueError(f"{name} must be 1-D, got shape {src.shape}")
         if src.dtype.kind not in "iub" or src.dtype.itemsize not in (1, 2, 4, 8):
