@@ -337,3 +337,36 @@ def test_packplan_helpers():
     assert "n_bins=2" in repr(plan)
     assert plan != PackPlan(bin_ptr=np.array([0, 3]), items=np.array([1, 0, 2]), bin_lengths=np.array([7]),
                             capacity=8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory at scale (scaled-down; real sizes are in benchmarks/bench_packing_scale.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _traced_peak(fn) -> int:
+    """Peak bytes that Python and numpy allocate while fn runs (numpy reports its buffers to tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("kind", ["one bin", "many bins"])
+def test_python_bfd_memory_stays_linear_when_free_spaces_are_all_distinct(kind):
+    """At a huge capacity every placement makes a new free-space value. The spec kept an (empty) queue for every
+    value ever reached: about 930 bytes per item (9 GB at 10M lengths); it must stay a small multiple of the
+    arrays it returns."""
+    from opensloth.packing import _python as spec
+
+    n = 30_000
+    rng = np.random.default_rng(0)
+    capacity = 2**40
+    lengths = rng.integers(8, 4096, n) if kind == "one bin" else rng.integers(1, capacity, n)
+    plan = spec.pack_bfd(lengths.astype(np.int64), capacity)
+    assert (len(plan[2]) == 1) == (kind == "one bin")
+    assert _traced_peak(lambda: spec.pack_bfd(lengths.astype(np.int64), capacity)) < 300 * n

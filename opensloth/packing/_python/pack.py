@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections import deque
 
 import numpy as np
 
@@ -24,8 +23,12 @@ def pack_bfd(lengths: np.ndarray, capacity: int):
     """
     order = descending_order(lengths)
     sizes = lengths.tolist()
+    # The FIFO queue of each held free-space value is a linked list through `after`, so memory follows the open
+    # bins, not every value ever reached (at a huge capacity each placement makes a new one).
     free_values: list[int] = []  # sorted distinct free-space values held by at least one open bin
-    queues: dict[int, deque] = {}  # free space -> FIFO of bin ids with that free space
+    head: dict[int, int] = {}  # free space -> the first bin of its queue
+    tail: dict[int, int] = {}  # free space -> the last bin of its queue
+    after: list[int] = []  # bin -> the bin queued after it (read only while it waits in a queue)
     bin_of_item = np.empty(len(sizes), dtype=np.int64)
     bin_lengths: list[int] = []
     for idx in order.tolist():
@@ -34,23 +37,25 @@ def pack_bfd(lengths: np.ndarray, capacity: int):
         if pos == len(free_values):
             b = len(bin_lengths)
             bin_lengths.append(0)
+            after.append(-1)
             space = capacity
         else:
             space = free_values[pos]
-            queue = queues[space]
-            b = queue.popleft()
-            if not queue:
-                del free_values[pos]
+            b = head[space]
+            if b == tail[space]:
+                del head[space], tail[space], free_values[pos]
+            else:
+                head[space] = after[b]
         bin_of_item[idx] = b
         bin_lengths[b] += size
         left = space - size
         if left > 0:
-            queue = queues.get(left)
-            if queue is None:
-                queue = queues[left] = deque()
-            if not queue:
+            if left in tail:
+                after[tail[left]] = b
+            else:
+                head[left] = b
                 insort(free_values, left)
-            queue.append(b)
+            tail[left] = b
     return _plan_from_assignment(order, bin_of_item, bin_lengths)
 
 
