@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -370,3 +371,37 @@ def test_python_bfd_memory_stays_linear_when_free_spaces_are_all_distinct(kind):
     plan = spec.pack_bfd(lengths.astype(np.int64), capacity)
     assert (len(plan[2]) == 1) == (kind == "one bin")
     assert _traced_peak(lambda: spec.pack_bfd(lengths.astype(np.int64), capacity)) < 300 * n
+
+
+def _even_costs(n: int) -> np.ndarray:
+    """Even costs whose total is 2 mod 4: two parts cannot be equal, and no move or swap (every d even) closes a
+    gap of 2, so the refinement's last round finds no candidate after inspecting every pair."""
+    costs = 2 * np.random.default_rng(1).integers(1, 1000, n)
+    if costs.sum() % 4 == 0:
+        costs[0] += 2
+    return costs
+
+
+@functools.cache
+def _python_balance(n: int, equal_count: bool) -> list[list[int]]:
+    return [p.tolist() for p in balance(_even_costs(n), 2, equal_count=equal_count, backend="python")]
+
+
+@pytest.mark.parametrize("equal_count", [False, True])
+def test_balance_refinement_round_without_a_candidate_at_scale(backend, equal_count):
+    """60k items in 2 parts: the round that finds no candidate used to scan 30k x 30k pairs in numba and python
+    (a minute in python at this size, hours at 10M); the sorted search is O(n log n) on every backend."""
+    n = 60_000
+    costs = _even_costs(n)
+    parts = [p.tolist() for p in balance(costs, 2, equal_count=equal_count, backend=backend)]
+    loads = sorted(int(costs[p].sum()) for p in parts)
+    assert loads[1] - loads[0] == 2
+    assert parts == _python_balance(n, equal_count)
+
+
+def test_python_refinement_never_builds_pair_arrays():
+    """The spec's refinement scanned pairs in chunks of 4M (over 100 MB of temporary arrays: ~14 kB per item at 10k
+    items); the sorted search needs arrays as long as the two parts."""
+    n = 10_000
+    costs = _even_costs(n)
+    assert _traced_peak(lambda: balance(costs, 2, backend="python")) < 1000 * n

@@ -116,6 +116,20 @@ def filled(n, value):
     return out
 
 
+@numba.njit(**JIT)
+def last_at_most(sorted_values, v):
+    """The last position of an ascending array whose value is <= v (-1 when none)."""
+    lo = 0
+    hi = sorted_values.shape[0]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if sorted_values[mid] <= v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
 # A multi-level bitset of int64 words over [0, universe): level 0 holds one bit per value, level l+1 one bit per
 # non-zero word of level l, up to a single top word. ``offs[l]`` is where level l starts in ``bits``.
 

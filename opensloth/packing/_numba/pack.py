@@ -19,25 +19,12 @@ from ._common import (
     bitset_test,
     filled,
     index_proto,
+    last_at_most,
     order_counting,
     order_for,
     order_sorted,
     use_counting,
 )
-
-
-@numba.njit(**JIT)
-def _last_at_most(sorted_values, v):
-    """The last position of an ascending array whose value is <= v (-1 when none)."""
-    lo = 0
-    hi = sorted_values.shape[0]
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if sorted_values[mid] <= v:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo - 1
 
 
 @numba.njit(**JIT)
@@ -210,7 +197,7 @@ def _bfd_sorted(lengths, capacity):
         bin_len[b] += size
         left = space - size
         if left >= smallest:
-            gl = _last_at_most(uniq, left)
+            gl = last_at_most(uniq, left)
             key[b] = left
             seq[b] = arrivals
             arrivals += 1

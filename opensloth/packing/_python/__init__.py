@@ -1,4 +1,5 @@
-"""Pure-Python packing backend: the written specification, one module per algorithm (like ``csrc/``).
+"""Pure-Python packing backend: the written specification, one module per algorithm like ``csrc/`` (``pack``,
+``partition``, ``balancing`` (not ``balance``, which would hide the function of that name) and ``gather``).
 
 Every rule here, tie-breaks included, is normative: the numba and native backends must return identical arrays
 for every valid input. Inputs arrive validated (see ``opensloth.packing._validate``): int64, C-contiguous,
@@ -11,14 +12,14 @@ Backend interface (shared by ``opensloth.packing._numba`` and ``opensloth._nativ
 - ``pack_exact_fit(lengths, capacity) -> (bin_ptr, items, bin_lengths)``                (``pack.py``)
 - ``partition_padded(lengths, num_batches, cap) -> (batch_ptr, items)``, ``cap == 0`` meaning no cap, and
   ``(None, None)`` when no split meets the cap                                           (``partition.py``)
-- ``balance(costs, num_parts, equal_count) -> (part_ptr, items)``                       (``balance.py``)
+- ``balance(costs, num_parts, equal_count) -> (part_ptr, items)``                       (``balancing.py``)
 - ``gather_segments(sources, chunks, starts, lengths, order, out) -> elements written``  (``gather.py``)
 
 All result arrays are int64 and freshly allocated.
 """
 
 from ._common import INF, descending_order
-from .balance import balance
+from .balancing import balance
 from .gather import gather_segments
 from .pack import pack_bfd, pack_exact_fit, pack_ffd
 from .partition import partition_padded

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._common import I64_MAX, JIT, filled, order_sorted
+from ._common import I64_MAX, JIT, filled, last_at_most, order_sorted
 
 
 @numba.njit(**JIT)
@@ -194,14 +194,21 @@ def _karmarkar_karp(costs, order, k, equal_count):
 
 @numba.njit(**JIT)
 def _refine(costs, part_of, k, equal_count):
-    """The spec's swap refinement between the heaviest and the lightest part, in place on ``part_of``."""
+    """The spec's swap refinement between the heaviest and the lightest part, in place on ``part_of``.
+
+    As in the spec, each round sorts the distinct costs of L (each with its smallest index; the move, b = -1, holds
+    cost 0 before every item) and takes, for each a of H, the better of the two costs around c[a] - g/2: lo, the
+    largest cost <= c[a] - ceil(g/2), and the next one (the smallest cost >= c[a] - floor(g/2), or a worse one
+    when lo already scores 0)."""
     n = costs.shape[0]
     loads = np.zeros(k, np.int64)
     for i in range(n):
         loads[part_of[i]] += costs[i]
     a_items = np.empty(n, np.int64)
-    b_items = np.empty(n + 1, np.int64)
-    b_costs = np.empty(n + 1, np.int64)
+    l_items = np.empty(n, np.int64)
+    l_costs = np.empty(n, np.int64)
+    values = np.empty(n + 1, np.int64)
+    first_b = np.empty(n + 1, np.int64)
     for _ in range(n):
         heavy = 0
         light = 0
@@ -214,37 +221,55 @@ def _refine(costs, part_of, k, equal_count):
         if gap <= 1:
             break
         na = 0
-        nb = 0
-        if not equal_count:
-            b_items[0] = -1
-            b_costs[0] = 0
-            nb = 1
+        nl = 0
         for i in range(n):
             p = part_of[i]
             if p == heavy:
                 a_items[na] = i
                 na += 1
             elif p == light:
-                b_items[nb] = i
-                b_costs[nb] = costs[i]
-                nb += 1
-        if na == 0 or nb == 0:
+                l_items[nl] = i
+                l_costs[nl] = costs[i]
+                nl += 1
+        if na == 0 or (nl == 0 and equal_count):
             break
+        nv = 0
+        if not equal_count:
+            values[0] = 0
+            first_b[0] = -1
+            nv = 1
+        if nl > 0:
+            desc = order_sorted(l_costs[:nl])
+            for t in range(nl - 1, -1, -1):  # ascending cost
+                pos = desc[t]
+                v = l_costs[pos]
+                if nv > 0 and values[nv - 1] == v:
+                    first_b[nv - 1] = min(first_b[nv - 1], l_items[pos])
+                else:
+                    values[nv] = v
+                    first_b[nv] = l_items[pos]
+                    nv += 1
+        sorted_values = values[:nv]
+        half_up = gap - gap // 2
         best = I64_MAX
         best_a = -1
         best_b = -1
         best_d = 0
         for ai in range(na):
-            ca = costs[a_items[ai]]
-            for bi in range(nb):
-                d = ca - b_costs[bi]
-                if d > 0 and d < gap:
-                    score = abs(2 * d - gap)
-                    if score < best:
-                        best = score
-                        best_a = a_items[ai]
-                        best_b = b_items[bi]
-                        best_d = d
+            a = a_items[ai]
+            ca = costs[a]
+            lo = last_at_most(sorted_values, ca - half_up)
+            for pos in range(max(lo, 0), min(lo + 2, nv)):
+                d = ca - values[pos]
+                if d <= 0 or d >= gap:
+                    continue
+                score = abs(2 * d - gap)  # in (-g, g): wraps in 2d and back, exact
+                b = first_b[pos]
+                if score < best or (score == best and a == best_a and b < best_b):
+                    best = score
+                    best_a = a
+                    best_b = b
+                    best_d = d
         if best_a < 0:
             break
         part_of[best_a] = light

@@ -91,9 +91,13 @@ def _refine(costs: np.ndarray, parts: list[list[int]], equal_count: bool) -> lis
 
     Repeat: H = heaviest part, L = lightest (lowest index on ties), gap g = load(H) - load(L). Candidates: swap item
     a of H with item b of L, or (without ``equal_count``) move a from H to L (written b = -1), when the transferred
-    cost d = c[a] - c[b] (c[-1] = 0) satisfies 0 < d < g. Take the candidate with the smallest (|2d - g|, a, b);
-    stop when there is none, or after ``len(costs)`` rounds. Each round strictly lowers the sum of squared loads and
-    never raises the maximum.
+    cost d = c[a] - c[b] (c[-1] = 0) satisfies 0 < d < g. Take the candidate with the smallest (|2d - g|, a, b), b
+    ordered -1 first then ascending; stop when there is none, or after ``len(costs)`` rounds. Each round strictly
+    lowers the sum of squared loads and never raises the maximum.
+
+    Search: |2d - g| falls as c[b] nears c[a] - g/2 from either side, so for each a the best b is one of two
+    neighbours of c[a] - g/2 among the distinct costs of L (sorted; each with its first candidate in b order), and
+    a round costs O((|H| + |L|) log |L|) instead of a scan of every pair.
     """
     parts = [sorted(p) for p in parts]
     loads = [int(costs[p].sum()) if p else 0 for p in parts]
@@ -108,20 +112,27 @@ def _refine(costs: np.ndarray, parts: list[list[int]], equal_count: bool) -> lis
         if a_items.size == 0 or b_items.size == 0:
             break
         cb = np.where(b_items >= 0, costs[np.maximum(b_items, 0)], 0)
-        best = None  # (score, row, column) of the first minimum in (a, b) order
-        rows_per_chunk = max(1, (1 << 22) // b_items.size)
-        for start in range(0, a_items.size, rows_per_chunk):
-            d = costs[a_items[start : start + rows_per_chunk]][:, None] - cb[None, :]
-            score = np.where((d > 0) & (d < gap), np.abs(2 * d - gap), _NO_CANDIDATE)
-            flat = int(np.argmin(score))  # rows are a ascending, columns b ascending (-1 first)
-            row, col = divmod(flat, b_items.size)
-            if score[row, col] != _NO_CANDIDATE and (best is None or score[row, col] < best[0]):
-                best = (int(score[row, col]), start + row, col)
-        if best is None:
+        values, first = np.unique(cb, return_index=True)  # distinct costs ascending, first occurrence in b order
+        first_b = b_items[first]
+        ca = costs[a_items]
+        # lo: the largest cost <= c[a] - ceil(g/2) (d >= g/2); hi: the smallest cost >= c[a] - floor(g/2) (d <= g/2).
+        lo = np.searchsorted(values, ca - (gap - gap // 2), side="right") - 1
+        hi = np.searchsorted(values, ca - gap // 2, side="left")
+        scores, bs = [], []
+        for pos, ok in ((lo, lo >= 0), (hi, hi < values.size)):
+            pos = np.clip(pos, 0, values.size - 1)
+            d = ca - values[pos]
+            # 2d - g lies in (-g, g) where 0 < d < g: int64 wraps in 2d and back, so the result is exact.
+            scores.append(np.where(ok & (d > 0) & (d < gap), np.abs(2 * d - gap), _NO_CANDIDATE))
+            bs.append(first_b[pos])
+        take_hi = (scores[1] < scores[0]) | ((scores[1] == scores[0]) & (bs[1] < bs[0]))
+        score = np.where(take_hi, scores[1], scores[0])
+        ai = int(np.argmin(score))  # the first minimum: a ascending
+        if score[ai] == _NO_CANDIDATE:
             break
-        _, ai, bi = best
-        a, b = int(a_items[ai]), int(b_items[bi])
-        moved = int(costs[a_items[ai]] - cb[bi])
+        a = int(a_items[ai])
+        b = int(bs[1][ai] if take_hi[ai] else bs[0][ai])
+        moved = int(costs[a]) - (int(costs[b]) if b >= 0 else 0)
         parts[heavy].remove(a)
         insort(parts[light], a)
         if b >= 0:
