@@ -151,8 +151,8 @@ def test_partition_hull_equals_the_divide_and_conquer(seed):
         lengths = rng.choice(np.array([1, 2, 3, 5, 8, 100, 101, 4096], dtype=np.int64), n) if rng.random() < 0.5 \
             else rng.integers(1, int(rng.choice([3, 50, 10**6])), n, dtype=np.int64)
         k = int(rng.integers(1, n + 1))
-        hull = nb_partition._partition(lengths, k, 0, True)
-        dc = nb_partition._partition(lengths, k, 0, False)
+        hull = nb_partition.solve(lengths, k, 0, allow_hull=True)
+        dc = nb_partition.solve(lengths, k, 0, allow_hull=False)
         assert hull[0] == dc[0]
         np.testing.assert_array_equal(hull[1], dc[1])
         np.testing.assert_array_equal(hull[2], dc[2])

@@ -405,3 +405,98 @@ def test_python_refinement_never_builds_pair_arrays():
     n = 10_000
     costs = _even_costs(n)
     assert _traced_peak(lambda: balance(costs, 2, backend="python")) < 1000 * n
+
+
+def test_partition_padded_refuses_what_will_not_fit_before_allocating(backend, monkeypatch):
+    """10M lengths into 1,024 batches used to die in bad_alloc / numba 'Allocation failed' (a 4-8 GB table per 1M
+    lengths); the need is now computed first and a call above the limit is refused with the numbers and the fix."""
+    monkeypatch.setenv("OPENSLOTH_PACKING_MEMORY_GB", "0.001")
+    with pytest.raises(ValueError, match=r"partition_padded of 20,000 lengths into 100 batches needs about "
+                                         r"[\d.]+ MiB of working memory even holding split points for \d+ batches at "
+                                         r"a time, above the limit of 1\.0 MiB \(OPENSLOTH_PACKING_MEMORY_GB\); "
+                                         r"partition fewer lengths per call .* raise OPENSLOTH_PACKING_MEMORY_GB"):
+        partition_padded(np.ones(20_000, dtype=np.int64), 100, backend=backend)
+    assert len(partition_padded(np.ones(500, dtype=np.int64), 100, backend=backend)) == 100  # 0.05 MiB
+
+
+@pytest.mark.parametrize("raw", ["lots", "0", "-2", "nan", "inf"])
+def test_memory_limit_must_be_a_positive_number_of_gib(raw, monkeypatch):
+    monkeypatch.setenv("OPENSLOTH_PACKING_MEMORY_GB", raw)
+    with pytest.raises(ValueError, match=rf"OPENSLOTH_PACKING_MEMORY_GB='{raw}' is not a positive number of GiB"):
+        partition_padded([3, 1, 2], 2)
+
+
+def test_partition_padded_in_blocks_gives_the_same_split(backend, monkeypatch):
+    """With the table budget at 0 every call holds only ~sqrt(2 K) rows of split points and recomputes the rest:
+    the same batches, caps and infeasible prefixes included."""
+    from opensloth.packing import _validate
+
+    rng = np.random.default_rng(4)
+    cases = []
+    for _ in range(40):
+        n = int(rng.integers(1, 120))
+        lengths = rng.integers(1, int(rng.choice([3, 50, 5000])), n)
+        k = int(rng.integers(1, n + 1))
+        cap = None if rng.random() < 0.5 else int(rng.integers(lengths.max(), lengths.max() * n + 1))
+        cases.append((lengths, k, cap))
+
+    def run():
+        out = []
+        for lengths, k, cap in cases:
+            try:
+                out.append([b.tolist() for b in partition_padded(lengths, k, max_tokens_per_batch=cap,
+                                                                 backend=backend)])
+            except ValueError as exc:
+                out.append(str(exc))
+        return out
+
+    whole = run()
+    monkeypatch.setattr(_validate, "PARTITION_TABLE_BYTES", 0)
+    assert any(_validate.partition_rows(len(lengths), k) < k - 1 for lengths, k, _ in cases)
+    assert run() == whole
+
+
+_RSS_SCRIPT = """
+import resource, sys
+import numpy as np
+from opensloth import packing
+backend, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+lengths = np.random.default_rng(0).integers(1, 4096, n)
+packing.partition_padded(lengths[:300], 20, backend=backend)  # imports, numba kernels
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+packing.partition_padded(lengths, k, backend=backend)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_partition_padded_peak_memory_is_what_was_planned(backend):
+    """The peak the call adds stays within the planned need, far below the full table of split points it used to
+    allocate (200k lengths into 700 batches: 533 MiB native, 1.07 GiB numba and python)."""
+    import subprocess
+    import sys
+
+    from opensloth.packing import _validate
+
+    if backend == "python":  # too slow at that size: the same check at a small one, with every row block recomputed
+        n, k = 150, 120
+        lengths = np.random.default_rng(0).integers(1, 4096, n)
+        partition_padded(lengths[:20], 5, backend=backend)
+        table = _validate.PARTITION_TABLE_BYTES
+        try:
+            _validate.PARTITION_TABLE_BYTES = 0
+            rows = _validate.partition_rows(n, k)
+            peak = _traced_peak(lambda: partition_padded(lengths, k, backend=backend))
+        finally:
+            _validate.PARTITION_TABLE_BYTES = table
+        slack = 16 << 10
+    else:
+        n, k = 200_000, 700
+        rows = _validate.partition_rows(n, k)
+        done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, backend, str(n), str(k)], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        peak = int(done.stdout.split()[-1])
+        slack = 16 << 20
+    need = _validate.partition_memory(n, k, rows)
+    assert rows < k - 1 and need * 4 < (k - 1) * (n + 1) * 8
+    assert peak <= need + slack

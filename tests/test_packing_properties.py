@@ -318,6 +318,25 @@ def test_partition_identical_to_python_backend(backend, lengths, data):
     assert [b.tolist() for b in got] == [b.tolist() for b in expected]
 
 
+@SETTINGS
+@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=150), data=st.data())
+def test_partition_rows_held_at_once_never_change_the_split(backend, lengths, data):
+    """The backends' memory bound (``rows`` of split points at a time, blocks recomputed) returns what the whole
+    table does, caps and infeasible prefixes included."""
+    from opensloth import packing
+
+    module = packing._load(backend)
+    arr = np.asarray(lengths, dtype=np.int64)
+    k = data.draw(st.integers(1, len(lengths)))
+    cap = data.draw(st.one_of(st.just(0), st.integers(max(lengths), max(lengths) * len(lengths))))
+    rows = data.draw(st.integers(1, max(k - 1, 1)))
+    whole = module.partition_padded(arr, k, cap, 0)
+    part = module.partition_padded(arr, k, cap, rows)
+    assert (whole[0] is None) == (part[0] is None)
+    if whole[0] is not None:
+        assert whole[0].tolist() == part[0].tolist() and whole[1].tolist() == part[1].tolist()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Balance
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ messages are identical whichever backend runs. Each message names the value, the
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
@@ -14,6 +16,15 @@ import numpy as np
 INT64_MAX = np.iinfo(np.int64).max
 STRATEGIES = ("bfd", "ffd", "exact_fit", "best")
 MAX_EMPTY_PARTS = 1 << 16  # balance(): num_parts may exceed the item count up to this (each part is an array)
+
+# Working memory of partition_padded (the DP's rows of f, split points, sorted copies) must stay within
+# OPENSLOTH_PACKING_MEMORY_GB (default DEFAULT_MEMORY_GB), checked before anything is allocated. A full table of
+# split points is kept up to PARTITION_TABLE_BYTES; beyond, the DP holds blocks of rows and recomputes them (same
+# result, at most twice the time).
+MEMORY_ENV = "OPENSLOTH_PACKING_MEMORY_GB"
+DEFAULT_MEMORY_GB = 8.0
+PARTITION_TABLE_BYTES = 256 << 20
+PARTITION_BYTES_PER_ITEM = 64  # sorted order and lengths, two rows of f, the hull's lines: 8 arrays of n + 1
 
 # ---------------------------------------------------------------------------------------------------------------
 # Lengths, costs and counts (pack_lengths, partition_padded, balance)
@@ -150,8 +161,10 @@ def pack_args(lengths: Any, capacity: Any, strategy: Any) -> tuple[np.ndarray, i
     return arr, capacity
 
 
-def partition_args(lengths: Any, num_batches: Any, max_tokens_per_batch: Any) -> tuple[np.ndarray, int, int | None]:
-    """``partition_padded``: int64 lengths, the batch count and the cap (None: no cap)."""
+def partition_args(lengths: Any, num_batches: Any,
+                   max_tokens_per_batch: Any) -> tuple[np.ndarray, int, int | None, int]:
+    """``partition_padded``: int64 lengths, the batch count, the cap (None: no cap) and the rows of split points
+    to hold at once (``partition_rows``)."""
     num_batches = positive_int(num_batches, "num_batches")
     cap = None if max_tokens_per_batch is None else positive_int(max_tokens_per_batch, "max_tokens_per_batch")
     arr = int64_values(lengths, "lengths", low=1, high=cap, high_name="max_tokens_per_batch",
@@ -164,7 +177,59 @@ def partition_args(lengths: Any, num_batches: Any, max_tokens_per_batch: Any) ->
             f"num_batches = {num_batches} exceeds the number of items {arr.shape[0]}; every batch must be non-empty, "
             f"so pass num_batches <= {arr.shape[0]}"
         )
-    return arr, num_batches, cap
+    return arr, num_batches, cap, partition_rows(arr.shape[0], num_batches)
+
+
+def memory_limit() -> int:
+    """Bytes of working memory a packing call may plan for: ``OPENSLOTH_PACKING_MEMORY_GB`` GiB (default 8)."""
+    raw = os.environ.get(MEMORY_ENV, "").strip()
+    if not raw:
+        return int(DEFAULT_MEMORY_GB * 2**30)
+    try:
+        gib = float(raw)
+    except ValueError:
+        gib = math.nan
+    if not (math.isfinite(gib) and gib > 0):
+        raise ValueError(f"{MEMORY_ENV}={raw!r} is not a positive number of GiB; set it like {MEMORY_ENV}=16")
+    return int(gib * 2**30)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def partition_memory(n: int, num_batches: int, rows: int) -> int:
+    """Bytes the padded-partition DP of every backend needs for ``n`` items, ``num_batches`` batches and ``rows``
+    rows of split points held at once: split points of 4 bytes (8 from 2**31 items), one saved row of f (8 bytes)
+    per block when there is more than one block, and the per-item arrays."""
+    width = n + 1
+    steps = num_batches - 1
+    blocks = -(-steps // rows) if steps > 0 else 0
+    point = 4 if n < 2**31 - 1 else 8
+    return (blocks * 8 if blocks > 1 else 0) * width + max(rows, 1) * point * width + PARTITION_BYTES_PER_ITEM * width
+
+
+def partition_rows(n: int, num_batches: int) -> int:
+    """Rows of split points ``partition_padded`` holds at once: all of them while they take at most
+    ``PARTITION_TABLE_BYTES``, else the count that needs the least memory (about sqrt(2 x batches)). Raises
+    ValueError, before anything is allocated, when that exceeds ``memory_limit()``."""
+    steps = max(num_batches - 1, 1)
+    point = 4 if n < 2**31 - 1 else 8
+    limit = memory_limit()
+    if steps * point * (n + 1) <= PARTITION_TABLE_BYTES and partition_memory(n, num_batches, steps) <= limit:
+        return steps
+    guess = max(1, min(steps, round(math.sqrt(8 * steps / point))))
+    rows = min((r for r in (guess - 1, guess, guess + 1) if 1 <= r <= steps),
+               key=lambda r: partition_memory(n, num_batches, r))
+    need = partition_memory(n, num_batches, rows)
+    if need > limit:
+        raise ValueError(
+            f"partition_padded of {n:,} lengths into {num_batches:,} batches needs about {_size(need)} of working "
+            f"memory even holding split points for {rows} batches at a time, above the limit of {_size(limit)} "
+            f"({MEMORY_ENV}); partition fewer lengths per call (e.g. one window of "
+            f"micro-batches at a time), ask for fewer batches, or raise {MEMORY_ENV}"
+        )
+    return rows
 
 
 def balance_args(costs: Any, num_parts: Any, equal_count: Any) -> tuple[np.ndarray, int, bool]:

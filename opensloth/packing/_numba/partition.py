@@ -5,7 +5,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._common import INF, JIT, filled, order_sorted
+from ._common import I32_PROTO, I64_PROTO, INF, JIT, filled, order_sorted
 
 
 @numba.njit(**JIT)
@@ -109,8 +109,9 @@ def _partition_hull_row(s, prev, cur, arg, k, intercept, dq):
 
 
 @numba.njit(**JIT)
-def _partition(lengths, num_batches, cap, allow_hull):
-    """The spec's DP over the sorted lengths; returns (feasible, batch_ptr, order)."""
+def _partition(lengths, num_batches, cap, allow_hull, rows, proto):
+    """The spec's DP over the sorted lengths, holding at most ``rows`` rows of argmins (of ``proto``'s dtype) at
+    once, in blocks recomputed from saved rows as the spec does; returns (feasible, batch_ptr, order)."""
     order = order_sorted(lengths)
     s = lengths[order]
     n = s.shape[0]
@@ -123,10 +124,15 @@ def _partition(lengths, num_batches, cap, allow_hull):
     # The hull is exact when no batch can pass the cap and no cost or hull product can overflow.
     s0 = s[0]
     hull = allow_hull and (cap == 0 or s0 <= cap // n) and float(s0) * float(s0) * float(n) < 2.0**60
-    argmins = np.zeros((max(num_batches - 1, 1), n + 1), np.int64)
+    steps = num_batches - 1
+    if rows <= 0 or rows > steps:
+        rows = steps
+    blocks = (steps + rows - 1) // rows if steps > 0 else 0
+    block = np.empty((max(rows, 1), n + 1), proto.dtype)
+    saved = np.empty((blocks if blocks > 1 else 0, n + 1), np.int64)  # f before each block, when recomputing
     cur = np.empty(n + 1, np.int64)
-    intercept = np.empty(n + 1, np.int64)
-    dq = np.empty(n + 1, np.int64)
+    intercept = np.empty(n + 1 if hull else 0, np.int64)
+    dq = np.empty(n + 1 if hull else 0, np.int64)
     depth = 4
     m = n + 1
     while m:
@@ -134,25 +140,45 @@ def _partition(lengths, num_batches, cap, allow_hull):
         m >>= 1
     st = np.empty((depth, 4), np.int64)
     for k in range(2, num_batches + 1):
+        if blocks > 1 and (k - 2) % rows == 0:
+            saved[(k - 2) // rows, :] = prev
         if hull:
-            _partition_hull_row(s, prev, cur, argmins[k - 2], k, intercept, dq)
+            _partition_hull_row(s, prev, cur, block[(k - 2) % rows], k, intercept, dq)
         else:
-            _partition_dc_row(s, prev, cur, argmins[k - 2], k, cap_value, st)
+            _partition_dc_row(s, prev, cur, block[(k - 2) % rows], k, cap_value, st)
         prev, cur = cur, prev
     ptr = np.zeros(num_batches + 1, np.int64)
     if prev[n] >= inf:
         return False, ptr, order
     ptr[num_batches] = n
     j = n
-    for k in range(num_batches, 1, -1):
-        j = argmins[k - 2, j]
-        ptr[k - 1] = j
+    for b in range(blocks - 1, -1, -1):
+        start = 2 + b * rows
+        end = min(start + rows - 1, num_batches)
+        if b != blocks - 1:  # the last block's argmins are still in `block` from the first pass
+            prev[:] = saved[b]
+            for k in range(start, end + 1):
+                if hull:
+                    _partition_hull_row(s, prev, cur, block[k - start], k, intercept, dq)
+                else:
+                    _partition_dc_row(s, prev, cur, block[k - start], k, cap_value, st)
+                prev, cur = cur, prev
+        for k in range(end, start - 1, -1):
+            j = block[k - start, j]
+            ptr[k - 1] = j
     return True, ptr, order
 
 
-def partition_padded(lengths: np.ndarray, num_batches: int, cap: int):
-    """Exact padded partition, identical to ``_python.partition_padded``; ``(None, None)`` when infeasible."""
-    ok, ptr, order = _partition(lengths, int(num_batches), int(cap), True)
+def solve(lengths: np.ndarray, num_batches: int, cap: int, rows: int = 0, allow_hull: bool = True):
+    """``_partition`` with the argmin dtype of every backend (int32 while n + 1 positions fit)."""
+    proto = I32_PROTO if lengths.shape[0] < 2**31 - 1 else I64_PROTO
+    return _partition(lengths, int(num_batches), int(cap), allow_hull, int(rows), proto)
+
+
+def partition_padded(lengths: np.ndarray, num_batches: int, cap: int, rows: int = 0):
+    """Exact padded partition, identical to ``_python.partition_padded`` (``rows``: the same memory bound);
+    ``(None, None)`` when infeasible."""
+    ok, ptr, order = solve(lengths, num_batches, cap, rows)
     if not ok:
         return None, None
     return ptr, order

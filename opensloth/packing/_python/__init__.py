@@ -10,8 +10,9 @@ Backend interface (shared by ``opensloth.packing._numba`` and ``opensloth._nativ
 - ``pack_bfd(lengths, capacity) -> (bin_ptr, items, bin_lengths)``                      (``pack.py``)
 - ``pack_ffd(lengths, capacity) -> (bin_ptr, items, bin_lengths)``                      (``pack.py``)
 - ``pack_exact_fit(lengths, capacity) -> (bin_ptr, items, bin_lengths)``                (``pack.py``)
-- ``partition_padded(lengths, num_batches, cap) -> (batch_ptr, items)``, ``cap == 0`` meaning no cap, and
-  ``(None, None)`` when no split meets the cap                                           (``partition.py``)
+- ``partition_padded(lengths, num_batches, cap, rows=0) -> (batch_ptr, items)``, ``cap == 0`` meaning no cap,
+  ``(None, None)`` when no split meets the cap, at most ``rows`` rows of split points held at once (0: all; the
+  dispatch sizes it, ``_validate.partition_rows``)                                       (``partition.py``)
 - ``balance(costs, num_parts, equal_count) -> (part_ptr, items)``                       (``balancing.py``)
 - ``gather_segments(sources, chunks, starts, lengths, order, out) -> elements written``  (``gather.py``)
 
