@@ -5,7 +5,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._common import I64_MAX, JIT, filled, last_at_most, order_sorted
+from ._common import I64_MAX, JIT, last_at_most, order_sorted
 
 
 @numba.njit(**JIT)
@@ -113,83 +113,158 @@ def _stable_rank_desc(values, rank):
 
 
 @numba.njit(**JIT)
+def _initial_item(order, s, i, k, equal_count):
+    """Item i of initial state s (-1: an empty subset): one item, or a group of k items of the descending order."""
+    n = order.shape[0]
+    if equal_count:
+        t = s * k + i
+        return order[t] if t < n else -1
+    return order[s] if i == 0 else -1
+
+
+@numba.njit(**JIT, inline="always")
+def _stream_spread(costs, order, s, k):
+    """The spread of initial state s without equal_count: its one item's cost, or 0 when k == 1."""
+    return costs[order[s]] if k > 1 else 0
+
+
+@numba.njit(**JIT)
 def _karmarkar_karp(costs, order, k, equal_count):
     """The spec's k-way largest differencing; returns the part of each item (part = final subset position) and the
-    largest subset sum. State s keeps its k subset sums (descending) at ``sums[s*k:(s+1)*k]`` and its subsets as
-    linked lists of items (head/tail per subset, ``nxt`` per item), so merging two subsets is O(1). A merged state
-    reuses the slot of the first state it consumed; the heap orders states by (spread descending, creation)."""
+    largest subset sum. The heap orders states by (spread descending, creation); its payload is an initial state
+    s >= 0, read from ``order`` when it is merged (no n x k arrays), or -1 - slot for a merged state, whose k subset
+    sums (descending) sit at ``sums[slot*k:(slot+1)*k]`` and whose subsets are linked lists of items (head/tail per
+    subset, ``nxt`` per item), so merging two subsets is O(1). A merged state reuses a slot it consumed; slots grow
+    by doubling, so memory follows the live merged states."""
     n = order.shape[0]
     nstates = (n + k - 1) // k if equal_count else n
-    sums = np.zeros(nstates * k, np.int64)
-    head = filled(nstates * k, -1)
-    tail = np.empty(nstates * k, np.int64)  # read only where head >= 0
+    slots = 4
+    sums = np.empty(slots * k, np.int64)
+    head = np.empty(slots * k, np.int64)
+    tail = np.empty(slots * k, np.int64)  # read only where head >= 0
+    free = np.empty(slots, np.int64)
+    nfree = 0
+    used = 0
     nxt = np.empty(n, np.int64)  # read only before a list's tail
     h_spread = np.empty(nstates, np.int64)
     h_serial = np.empty(nstates, np.int64)
-    h_slot = np.empty(nstates, np.int64)
+    h_state = np.empty(nstates, np.int64)
     size = 0
-    for s in range(nstates):
-        base = s * k
-        if equal_count:
-            for i in range(k):
-                t = s * k + i
-                if t < n:
-                    idx = order[t]
-                    sums[base + i] = costs[idx]
-                    head[base + i] = idx
-                    tail[base + i] = idx
-        else:
-            idx = order[s]
-            sums[base] = costs[idx]
-            head[base] = idx
-            tail[base] = idx
-        size = _heap_push(h_spread, h_serial, h_slot, size, -(sums[base] - sums[base + k - 1]), s, s)
+    # Without equal_count the initial states (one item each, spread = its cost, or 0 when k == 1) already come in
+    # heap order, s ascending: they stay in that stream and the heap holds only merged states, which are created
+    # later and so lose every tie to them.
+    stream = not equal_count
+    next_init = 0 if stream else nstates
+    if not stream:
+        for s in range(nstates):
+            first = _initial_item(order, s, 0, k, equal_count)
+            last = _initial_item(order, s, k - 1, k, equal_count)
+            spread = costs[first] - (costs[last] if last >= 0 else 0)
+            size = _heap_push(h_spread, h_serial, h_state, size, -spread, s, s)
     serial = nstates
     m_sum = np.empty(k, np.int64)
     m_head = np.empty(k, np.int64)
     m_tail = np.empty(k, np.int64)
     rank = np.empty(k, np.int64)
-    while size > 1:
-        a = h_slot[0] * k
-        size = _heap_pop(h_spread, h_serial, h_slot, size)
-        b = h_slot[0] * k
-        size = _heap_pop(h_spread, h_serial, h_slot, size)
+    while size + nstates - next_init > 1:
+        if next_init < nstates and (size == 0 or _pair_less(-_stream_spread(costs, order, next_init, k), next_init,
+                                                            h_spread[0], h_serial[0])):
+            pa = next_init
+            next_init += 1
+        else:
+            pa = h_state[0]
+            size = _heap_pop(h_spread, h_serial, h_state, size)
+        if next_init < nstates and (size == 0 or _pair_less(-_stream_spread(costs, order, next_init, k), next_init,
+                                                            h_spread[0], h_serial[0])):
+            pb = next_init
+            next_init += 1
+        else:
+            pb = h_state[0]
+            size = _heap_pop(h_spread, h_serial, h_state, size)
         for i in range(k):
-            j = b + k - 1 - i
-            m_sum[i] = sums[a + i] + sums[j]
-            ha = head[a + i]
-            hb = head[j]
+            j = k - 1 - i
+            if pa >= 0:
+                ha = _initial_item(order, pa, i, k, equal_count)
+                ta = ha
+                sa = costs[ha] if ha >= 0 else 0
+            else:
+                at = (-1 - pa) * k + i
+                ha = head[at]
+                ta = tail[at]
+                sa = sums[at]
+            if pb >= 0:
+                hb = _initial_item(order, pb, j, k, equal_count)
+                tb = hb
+                sb = costs[hb] if hb >= 0 else 0
+            else:
+                bt = (-1 - pb) * k + j
+                hb = head[bt]
+                tb = tail[bt]
+                sb = sums[bt]
+            m_sum[i] = sa + sb
             if ha < 0:
                 m_head[i] = hb
-                m_tail[i] = tail[j]
+                m_tail[i] = tb
             elif hb < 0:
                 m_head[i] = ha
-                m_tail[i] = tail[a + i]
+                m_tail[i] = ta
             else:
-                nxt[tail[a + i]] = hb
+                nxt[ta] = hb
                 m_head[i] = ha
-                m_tail[i] = tail[j]
+                m_tail[i] = tb
         _stable_rank_desc(m_sum, rank)
+        if pa < 0:
+            slot = -1 - pa
+            if pb < 0:
+                free[nfree] = -1 - pb
+                nfree += 1
+        elif pb < 0:
+            slot = -1 - pb
+        elif nfree > 0:
+            nfree -= 1
+            slot = free[nfree]
+        else:
+            if used == slots:
+                slots *= 2
+                sums = _grown(sums, slots * k)
+                head = _grown(head, slots * k)
+                tail = _grown(tail, slots * k)
+                free = _grown(free, slots)
+            slot = used
+            used += 1
+        base = slot * k
         for i in range(k):
             r = rank[i]
-            sums[a + i] = m_sum[r]
-            head[a + i] = m_head[r]
-            tail[a + i] = m_tail[r]
-        size = _heap_push(h_spread, h_serial, h_slot, size, -(sums[a] - sums[a + k - 1]), serial, a // k)
+            sums[base + i] = m_sum[r]
+            head[base + i] = m_head[r]
+            tail[base + i] = m_tail[r]
+        size = _heap_push(h_spread, h_serial, h_state, size, -(sums[base] - sums[base + k - 1]), serial, -1 - slot)
         serial += 1
-    last = h_slot[0] * k
     part_of = np.empty(n, np.int64)
+    p = h_state[0] if size > 0 else next_init
     for i in range(k):
-        x = head[last + i]
+        if p >= 0:
+            x = _initial_item(order, p, i, k, equal_count)
+            end = x
+        else:
+            x = head[(-1 - p) * k + i]
+            end = tail[(-1 - p) * k + i]
         if x < 0:
             continue
-        end = tail[last + i]
         while True:
             part_of[x] = i
             if x == end:
                 break
             x = nxt[x]
-    return part_of, sums[last]
+    first = _initial_item(order, p, 0, k, equal_count) if p >= 0 else -1
+    return part_of, (costs[first] if p >= 0 else sums[(-1 - p) * k])
+
+
+@numba.njit(**JIT)
+def _grown(values, size):
+    out = np.empty(size, np.int64)
+    out[: values.shape[0]] = values
+    return out
 
 
 @numba.njit(**JIT)

@@ -47,25 +47,29 @@ def _karmarkar_karp(costs: list[int], order: list[int], num_parts: int, equal_co
     i-th smallest of the second, re-sort, and put it back with the next creation number.
     """
     k = num_parts
-    states: list[tuple[list[int], list[list[int]]]] = []
-    if equal_count:
-        padded = order + [-1] * ((-len(order)) % k)
-        for g in range(0, len(padded), k):
-            group = padded[g : g + k]
-            states.append(([costs[i] if i >= 0 else 0 for i in group], [[i] if i >= 0 else [] for i in group]))
-    else:
-        for idx in order:
-            states.append(([costs[idx]] + [0] * (k - 1), [[idx]] + [[] for _ in range(k - 1)]))
-    heap = []
-    for seq, (sums, _) in enumerate(states):
-        heap.append((-(sums[0] - sums[-1]), seq))
+    n = len(order)
+    n_init = -(-n // k) if equal_count else n
+
+    def initial(s: int) -> tuple[list[int], list[list[int]]]:
+        # Built when first merged, so memory follows the live solutions, not n x num_parts.
+        group = order[s * k : s * k + k] if equal_count else order[s : s + 1]
+        group = group + [-1] * (k - len(group))
+        return [costs[i] if i >= 0 else 0 for i in group], [[i] if i >= 0 else [] for i in group]
+
+    def initial_spread(s: int) -> int:
+        first = order[s * k] if equal_count else order[s]
+        last = (order[s * k + k - 1] if s * k + k - 1 < n else -1) if equal_count else (order[s] if k == 1 else -1)
+        return costs[first] - (costs[last] if last >= 0 else 0)
+
+    heap = [(-initial_spread(s), s) for s in range(n_init)]
     heapq.heapify(heap)
-    serial = len(states)
+    merged: dict[int, tuple[list[int], list[list[int]]]] = {}  # creation number -> solution, while it is live
+    serial = n_init
     while len(heap) > 1:
         _, a = heapq.heappop(heap)
         _, b = heapq.heappop(heap)
-        sums_a, sets_a = states[a]
-        sums_b, sets_b = states[b]
+        sums_a, sets_a = merged.pop(a) if a >= n_init else initial(a)
+        sums_b, sets_b = merged.pop(b) if b >= n_init else initial(b)
         sums = [sums_a[i] + sums_b[k - 1 - i] for i in range(k)]
         sets = []
         for i in range(k):
@@ -76,14 +80,11 @@ def _karmarkar_karp(costs: list[int], order: list[int], num_parts: int, equal_co
             x.extend(y)
             sets.append(x)
         rank = sorted(range(k), key=lambda i: -sums[i])  # stable: ties keep merge position
-        sums = [sums[i] for i in rank]
-        sets = [sets[i] for i in rank]
-        states[a] = states[b] = None  # free memory
-        states.append((sums, sets))
-        heapq.heappush(heap, (-(sums[0] - sums[-1]), serial))
+        merged[serial] = ([sums[i] for i in rank], [sets[i] for i in rank])
+        heapq.heappush(heap, (-(merged[serial][0][0] - merged[serial][0][-1]), serial))
         serial += 1
     _, last = heap[0]
-    return states[last][1]
+    return (merged[last] if last >= n_init else initial(last))[1]
 
 
 def _refine(costs: np.ndarray, parts: list[list[int]], equal_count: bool) -> list[list[int]]:
