@@ -456,25 +456,53 @@ def test_partition_padded_in_blocks_gives_the_same_split(backend, monkeypatch):
     assert run() == whole
 
 
-_RSS_SCRIPT = """
+_PEAK_SCRIPT = """
 import resource, sys
 import numpy as np
 from opensloth import packing
-backend, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-lengths = np.random.default_rng(0).integers(1, 4096, n)
-packing.partition_padded(lengths[:300], 20, backend=backend)  # imports, numba kernels
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-packing.partition_padded(lengths, k, backend=backend)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+def _status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+def peak_start():
+    # Linux resets the peak (VmHWM) to the current RSS on "5" > /proc/self/clear_refs; elsewhere ru_maxrss,
+    # which remembers every earlier peak (a lower bound of what the call adds).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status("VmRSS"), True
+    except (OSError, TypeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, False
+
+def peak_added(start, exact):
+    return (_status("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - start
+
+function, backend, n, k = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+values = np.random.default_rng(0).integers(1, 4096, n)
+call = getattr(packing, function)
+call(values[:300], 20, backend=backend)  # imports, numba kernels
+start, exact = peak_start()
+call(values, k, backend=backend)
+print(peak_added(start, exact))
 """
+
+
+def _peak_added(function: str, backend: str, n: int, k: int) -> int:
+    """Bytes of resident memory ``opensloth.packing.<function>(values, k)`` adds at its peak, in a fresh process."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, function, backend, str(n), str(k)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.split()[-1])
 
 
 def test_partition_padded_peak_memory_is_what_was_planned(backend):
     """The peak the call adds stays within the planned need, far below the full table of split points it used to
     allocate (200k lengths into 700 batches: 533 MiB native, 1.07 GiB numba and python)."""
-    import subprocess
-    import sys
-
     from opensloth.packing import _validate
 
     if backend == "python":  # too slow at that size: the same check at a small one, with every row block recomputed
@@ -492,27 +520,11 @@ def test_partition_padded_peak_memory_is_what_was_planned(backend):
     else:
         n, k = 200_000, 700
         rows = _validate.partition_rows(n, k)
-        done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, backend, str(n), str(k)], capture_output=True,
-                              text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        peak = int(done.stdout.split()[-1])
+        peak = _peak_added("partition_padded", backend, n, k)
         slack = 16 << 20
     need = _validate.partition_memory(n, k, rows)
     assert rows < k - 1 and need * 4 < (k - 1) * (n + 1) * 8
     assert peak <= need + slack
-
-
-_BALANCE_RSS_SCRIPT = """
-import resource, sys
-import numpy as np
-from opensloth import packing
-backend, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-costs = np.random.default_rng(0).integers(1, 4096, n)
-packing.balance(costs[:300], 20, backend=backend)  # imports, numba kernels
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-packing.balance(costs, k, backend=backend)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
-"""
 
 
 def test_balance_memory_follows_the_live_solutions_not_items_times_parts(backend):
@@ -520,16 +532,10 @@ def test_balance_memory_follows_the_live_solutions_not_items_times_parts(backend
     python backends built them all up front: n x num_parts sums and lists (40k items into 2,000 parts: 1.5 GB numba,
     6 GB python; ~22 kB per item in python at 3k items into 300 parts). They are now built when first merged, as
     natively, so memory follows the live solutions."""
-    import subprocess
-    import sys
-
     if backend == "python":  # the same at a size pure Python runs in seconds
         n, k = 3000, 300
         costs = np.random.default_rng(0).integers(1, 4096, n)
         balance(costs[:10], 3, backend=backend)
         assert _traced_peak(lambda: balance(costs, k, backend=backend)) < 1000 * n
         return
-    done = subprocess.run([sys.executable, "-c", _BALANCE_RSS_SCRIPT, backend, "40000", "2000"], capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert int(done.stdout.split()[-1]) < 64 << 20
+    assert _peak_added("balance", backend, 40_000, 2000) < 64 << 20
