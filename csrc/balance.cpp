@@ -1,4 +1,4 @@
-// Balance items over parts (spec: balance in _python.py): LPT and k-way Karmarkar-Karp, the better one (LPT on a
+// Balance items over parts (spec: _python/balance.py): LPT and k-way Karmarkar-Karp, the better one (LPT on a
 // tie), then swap refinement between the heaviest and the lightest part.
 #include <algorithm>
 #include <cstdint>
@@ -61,16 +61,31 @@ public:
 
     Parts run() {
         const size_t k = static_cast<size_t>(k_);
-        std::vector<HeapEntry> init(static_cast<size_t>(n_init_));
-        for (int64_t s = 0; s < n_init_; ++s) init[static_cast<size_t>(s)] = {sum(s, 0) - sum(s, k_ - 1), s};
+        // Without equal_count the initial states (one item each, spread = its cost, or 0 when k == 1) already come
+        // in heap order, s ascending: they stay in that stream and the heap holds only merged states, which are
+        // created later and so lose every tie to them.
+        const bool stream = !equal_count_;
+        std::vector<HeapEntry> init(stream ? 0 : static_cast<size_t>(n_init_));
+        for (size_t s = 0; s < init.size(); ++s) {
+            const auto seq = static_cast<int64_t>(s);
+            init[s] = {sum(seq, 0) - sum(seq, k_ - 1), seq};
+        }
         std::priority_queue<HeapEntry> heap(std::less<HeapEntry>(), std::move(init));
+        int64_t next_init = stream ? 0 : n_init_;
+        auto pop = [&]() {
+            if (next_init < n_init_) {
+                const HeapEntry first{sum(next_init, 0) - sum(next_init, k_ - 1), next_init};
+                if (heap.empty() || heap.top() < first) return next_init++;
+            }
+            const int64_t s = heap.top().seq;
+            heap.pop();
+            return s;
+        };
         int64_t serial = n_init_;
         std::vector<int64_t> sums(k), heads(k), tails(k), rank(k);
-        while (heap.size() > 1) {
-            const int64_t a = heap.top().seq;
-            heap.pop();
-            const int64_t b = heap.top().seq;
-            heap.pop();
+        while (static_cast<int64_t>(heap.size()) + (n_init_ - next_init) > 1) {
+            const int64_t a = pop();
+            const int64_t b = pop();
             for (size_t i = 0; i < k; ++i) {
                 const int64_t j = k_ - 1 - static_cast<int64_t>(i);
                 sums[i] = sum(a, static_cast<int64_t>(i)) + sum(b, j);
@@ -88,9 +103,19 @@ public:
                 tails[i] = ta;
             }
             for (size_t i = 0; i < k; ++i) rank[i] = static_cast<int64_t>(i);
-            std::stable_sort(rank.begin(), rank.end(), [&sums](int64_t x, int64_t y) {
+            auto heavier = [&sums](int64_t x, int64_t y) {
                 return sums[static_cast<size_t>(x)] > sums[static_cast<size_t>(y)];
-            });
+            };
+            if (k <= 64) {  // insertion sort (stable) for the usual few parts: std::stable_sort allocates per call
+                for (size_t i = 1; i < k; ++i) {
+                    const int64_t x = rank[i];
+                    size_t j = i;
+                    for (; j > 0 && heavier(x, rank[j - 1]); --j) rank[j] = rank[j - 1];
+                    rank[j] = x;
+                }
+            } else {
+                std::stable_sort(rank.begin(), rank.end(), heavier);
+            }
             release(a);
             release(b);
             const size_t slot = acquire();
@@ -106,7 +131,7 @@ public:
             slot_of_.push_back(static_cast<int64_t>(slot));
             heap.push({out_sums[0] - out_sums[k - 1], serial++});
         }
-        const int64_t last = heap.top().seq;
+        const int64_t last = heap.empty() ? next_init : heap.top().seq;
         Parts parts(k);
         for (size_t i = 0; i < k; ++i) {
             int64_t head, tail;

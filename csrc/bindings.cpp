@@ -55,13 +55,13 @@ py::tuple pack_exact_fit(const InArray& lengths, int64_t capacity) {
     return pack(opensloth::pack_exact_fit, lengths, capacity);
 }
 
-py::tuple partition_padded(const InArray& lengths, int64_t num_batches, int64_t cap) {
+py::tuple partition_padded(const InArray& lengths, int64_t num_batches, int64_t cap, int64_t rows) {
     int64_t n;
     const int64_t* data = input(lengths, "lengths", n);
     opensloth::PartitionResult r;
     {
         py::gil_scoped_release release;
-        r = opensloth::partition_padded(data, n, num_batches, cap);
+        r = opensloth::partition_padded(data, n, num_batches, cap, rows);
     }
     if (!r.feasible) return py::make_tuple(py::none(), py::none());
     return py::make_tuple(to_numpy(std::move(r.batch_ptr)), to_numpy(std::move(r.items)));
@@ -142,8 +142,9 @@ PYBIND11_MODULE(_native, m) {
     m.def("pack_exact_fit", &pack_exact_fit, py::arg("lengths").noconvert(), py::arg("capacity"),
           "Exact fit (one bin at a time, closing gaps exactly): (bin_ptr, items, bin_lengths), int64 arrays.");
     m.def("partition_padded", &partition_padded, py::arg("lengths").noconvert(), py::arg("num_batches"),
-          py::arg("cap"),
-          "Exact padded partition: (batch_ptr, items), or (None, None) when no split meets cap (0 = no cap).");
+          py::arg("cap"), py::arg("rows") = 0,
+          "Exact padded partition: (batch_ptr, items), or (None, None) when no split meets cap (0 = no cap); at "
+          "most `rows` rows of split points held at once (0 = all).");
     m.def("balance", &balance, py::arg("costs").noconvert(), py::arg("num_parts"), py::arg("equal_count"),
           "LPT / Karmarkar-Karp balance with swap refinement: (part_ptr, items), int64 arrays.");
     m.def("gather_segments", &gather_segments, py::arg("sources"), py::arg("chunks"), py::arg("starts").noconvert(),

@@ -1,4 +1,4 @@
-// Best-fit decreasing and first-fit decreasing bin packing (spec: pack_bfd / pack_ffd in _python.py).
+// Best-fit decreasing and first-fit decreasing bin packing (spec: pack_bfd / pack_ffd in _python/pack.py).
 #include <algorithm>
 #include <cstdint>
 #include <limits>

@@ -1,7 +1,7 @@
-// Packing core of OpenSloth: plain C++17, no Python. The pure-Python backend
-// (opensloth/packing/_python.py) is the specification; every function here returns exactly what it returns,
-// tie-breaks included. Inputs are validated by the Python layer; the functions below re-check what memory safety
-// depends on and throw std::invalid_argument otherwise.
+// Packing core of OpenSloth: plain C++17, no Python, one file per algorithm. The pure-Python backend
+// (opensloth/packing/_python/, one module per algorithm like these files) is the specification; every function here
+// returns exactly what it returns, tie-breaks included. Inputs are validated by the Python layer; the functions
+// below re-check what memory safety depends on and throw std::invalid_argument otherwise.
 #pragma once
 
 #include <cstdint>
@@ -64,8 +64,10 @@ PackResult pack_ffd(const int64_t* lengths, int64_t n, int64_t capacity);
 // longest item that leaves a gap the shortest remaining item can fill, else the longest that fits.
 PackResult pack_exact_fit(const int64_t* lengths, int64_t n, int64_t capacity);
 
-// Exact minimum of sum over batches of (longest x size); cap == 0 means no cap on longest x size.
-PartitionResult partition_padded(const int64_t* lengths, int64_t n, int64_t num_batches, int64_t cap);
+// Exact minimum of sum over batches of (longest x size); cap == 0 means no cap on longest x size. At most `rows`
+// rows of split points are held at once (0: all); fewer rows recompute blocks of the DP, with the same result.
+PartitionResult partition_padded(const int64_t* lengths, int64_t n, int64_t num_batches, int64_t cap,
+                                 int64_t rows = 0);
 
 // The better of LPT and k-way Karmarkar-Karp (LPT on a tie), then swap refinement. costs[i] >= 0.
 BalanceResult balance(const int64_t* costs, int64_t n, int64_t num_parts, bool equal_count);

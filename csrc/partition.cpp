@@ -1,6 +1,8 @@
-// Exact padded partition (spec: partition_padded in _python.py): f[k][j] = min_i f[k-1][i] + s[i] * (j - i) by
+// Exact padded partition (spec: _python/partition.py): f[k][j] = min_i f[k-1][i] + s[i] * (j - i) by
 // divide and conquer over j, with the spec's smallest-argmin rule, INF convention and numpy's wrapping int64
 // products.
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -73,8 +75,11 @@ void hull_row(const int64_t* s, const int64_t* prev, int64_t n, int64_t k, int64
 }
 #endif
 
+// Memory: `rows` (0 or >= num_batches - 1: all) rows of argmins at once, in blocks as the spec does: a first pass
+// saves f before every block and leaves the last block's argmins in the buffer; each earlier block is recomputed
+// from its saved row, last first, and backtracked.
 template <class Arg>
-PartitionResult partition_impl(const int64_t* lengths, int64_t n, int64_t num_batches, int64_t cap,
+PartitionResult partition_impl(const int64_t* lengths, int64_t n, int64_t num_batches, int64_t cap, int64_t rows,
                                detail::MinMax range) {
     using detail::wrap_add;
     using detail::wrap_mul;
@@ -91,9 +96,14 @@ PartitionResult partition_impl(const int64_t* lengths, int64_t n, int64_t num_ba
         const int64_t single = wrap_mul(s[0], j);
         prev[static_cast<size_t>(j)] = single <= cap_value ? single : kInf;
     }
-    // argmins[(k - 2) * width + j]: start of the last batch in the best split of the first j items into k batches.
-    // Row k writes every j in [k, n] and the backtrack reads only those, so the buffer needs no initialisation.
-    detail::Scratch<Arg> argmins(0, static_cast<size_t>(num_batches - 1) * width);
+    const int64_t steps = num_batches - 1;  // rows k = 2 .. num_batches
+    if (rows <= 0 || rows > steps) rows = steps;
+    const int64_t blocks = steps > 0 ? (steps + rows - 1) / rows : 0;
+    // block[(k - start) * width + j]: start of the last batch in the best split of the first j items into k batches,
+    // for the rows k of one block. Row k writes every j in [k, n] and the backtrack reads only those, so the buffer
+    // needs no initialisation.
+    detail::Scratch<Arg> block(0, static_cast<size_t>(std::max<int64_t>(rows, 1)) * width);
+    std::vector<int64_t> saved(blocks > 1 ? static_cast<size_t>(blocks) * width : 0);  // f before each block
     // Without a binding cap and with s[0] * n < INF, every cell is finite, no product wraps, and the matrix
     // f[k-1][i] + s[i] * (j - i) is Monge, so the smallest minimising i is non-decreasing in j and the spec's
     // divide and conquer finds exactly the global smallest argmin at every cell. The lines
@@ -111,17 +121,17 @@ PartitionResult partition_impl(const int64_t* lengths, int64_t n, int64_t num_ba
     }
     const int64_t* sp = s.data();
 
-    for (int64_t k = 2; k <= num_batches; ++k) {
-        std::fill(cur.begin(), cur.end(), kInf);
-        Arg* arg = argmins.get() + static_cast<size_t>(k - 2) * width;
+    // Row k of the DP from prev into cur, its argmins into arg; then prev holds row k.
+    auto step = [&](int64_t k, Arg* arg) {
         const int64_t* base = prev.data();
 #if defined(OPENSLOTH_HULL)
         if (monge) {
             hull_row(sp, base, n, k, cur.data(), arg, hull_line.data(), hull_slope.data(), intercept.data());
             prev.swap(cur);
-            continue;
+            return;
         }
 #endif
+        std::fill(cur.begin(), cur.end(), kInf);
         // Depth-first over j ranges; every pop pushes two halves, so the stack never holds more than
         // 2 * log2(n) + 2 < 130 entries.
         Range stack[130];
@@ -157,6 +167,14 @@ PartitionResult partition_impl(const int64_t* lengths, int64_t n, int64_t num_ba
             stack[depth++] = {r.j_lo, mid - 1, r.i_lo, best_i};
         }
         prev.swap(cur);
+    };
+
+    for (int64_t k = 2; k <= num_batches; ++k) {
+        const int64_t r = (k - 2) % rows;
+        if (blocks > 1 && r == 0) {
+            std::copy(prev.begin(), prev.end(), saved.begin() + static_cast<std::ptrdiff_t>(((k - 2) / rows) * width));
+        }
+        step(k, block.get() + static_cast<size_t>(r) * width);
     }
 
     if (prev[static_cast<size_t>(n)] >= kInf) return out;
@@ -164,9 +182,18 @@ PartitionResult partition_impl(const int64_t* lengths, int64_t n, int64_t num_ba
     out.batch_ptr.assign(static_cast<size_t>(num_batches) + 1, 0);
     int64_t j = n;
     out.batch_ptr[static_cast<size_t>(num_batches)] = n;
-    for (int64_t k = num_batches; k > 1; --k) {
-        j = static_cast<int64_t>(argmins[static_cast<size_t>(k - 2) * width + static_cast<size_t>(j)]);
-        out.batch_ptr[static_cast<size_t>(k - 1)] = j;
+    for (int64_t b = blocks - 1; b >= 0; --b) {
+        const int64_t start = 2 + b * rows;
+        const int64_t end = std::min(start + rows - 1, num_batches);
+        if (b != blocks - 1) {  // the last block's argmins are still in `block` from the first pass
+            const auto from = saved.begin() + static_cast<std::ptrdiff_t>(static_cast<size_t>(b) * width);
+            std::copy(from, from + static_cast<std::ptrdiff_t>(width), prev.begin());
+            for (int64_t k = start; k <= end; ++k) step(k, block.get() + static_cast<size_t>(k - start) * width);
+        }
+        for (int64_t k = end; k >= start; --k) {
+            j = static_cast<int64_t>(block[static_cast<size_t>(k - start) * width + static_cast<size_t>(j)]);
+            out.batch_ptr[static_cast<size_t>(k - 1)] = j;
+        }
     }
     out.items = std::move(order);
     return out;
@@ -174,16 +201,19 @@ PartitionResult partition_impl(const int64_t* lengths, int64_t n, int64_t num_ba
 
 }  // namespace
 
-PartitionResult partition_padded(const int64_t* lengths, int64_t n, int64_t num_batches, int64_t cap) {
+PartitionResult partition_padded(const int64_t* lengths, int64_t n, int64_t num_batches, int64_t cap, int64_t rows) {
     detail::require(n >= 1, "lengths is empty");
     detail::require(num_batches >= 1 && num_batches <= n, "num_batches must be in [1, number of items]");
     detail::require(cap >= 0, "cap must be >= 0 (0 = no cap)");
+    detail::require(rows >= 0, "rows must be >= 0 (0 = all)");
     const auto range =
         detail::check_range(lengths, n, 1, cap == 0 ? std::numeric_limits<int64_t>::max() : cap, "lengths");
-    if (n < std::numeric_limits<uint32_t>::max()) {
-        return partition_impl<uint32_t>(lengths, n, num_batches, cap, range);
+    // Split points as 4 bytes while n + 1 positions fit in int32, like the other backends (the memory bound the
+    // Python layer checks assumes it).
+    if (n < std::numeric_limits<int32_t>::max()) {
+        return partition_impl<uint32_t>(lengths, n, num_batches, cap, rows, range);
     }
-    return partition_impl<int64_t>(lengths, n, num_batches, cap, range);
+    return partition_impl<int64_t>(lengths, n, num_batches, cap, rows, range);
 }
 
 }  // namespace opensloth

@@ -16,6 +16,9 @@ from opensloth.packing import _python as spec
 
 pytest.importorskip("numba", reason="numba is not installed, so there is no numba backend to check")
 from opensloth.packing import _numba as nb  # noqa: E402
+from opensloth.packing._numba import _common as nb_common  # noqa: E402
+from opensloth.packing._numba import pack as nb_pack  # noqa: E402
+from opensloth.packing._numba import partition as nb_partition  # noqa: E402
 
 
 def assert_same(got, want):
@@ -61,7 +64,7 @@ def test_ffd_and_exact_fit_identical_on_big_input():
 def test_huge_capacity_takes_the_sorted_path_and_matches(capacity):
     rng = np.random.default_rng(capacity % 1000)
     n = 20_000
-    assert not nb._use_counting(n, capacity)
+    assert not nb_common.use_counting(n, capacity)
     # Few distinct values (many equal free spaces) and many distinct ones, both far apart.
     lengths = np.concatenate([
         rng.integers(1, capacity // 3, n // 2, dtype=np.int64),
@@ -83,14 +86,14 @@ def test_both_code_paths_agree_with_the_spec_at_small_capacity(seed):
     top = int(rng.choice([capacity, max(1, capacity // 3), min(capacity, 4)]))
     lengths = rng.integers(1, top + 1, n, dtype=np.int64)
     want_bfd = spec.pack_bfd(lengths, capacity)
-    for proto in (nb._I32_PROTO, nb._I64_PROTO):  # index arrays: int32 normally, int64 past 2**31 items
-        assert_same(nb._bfd_counting(lengths, capacity, proto), want_bfd)
-    assert_same(nb._bfd_sorted(lengths, capacity), want_bfd)
+    for proto in (nb_common.I32_PROTO, nb_common.I64_PROTO):  # index arrays: int32 normally, int64 past 2**31 items
+        assert_same(nb_pack._bfd_counting(lengths, capacity, proto), want_bfd)
+    assert_same(nb_pack._bfd_sorted(lengths, capacity), want_bfd)
     want_ffd = spec.pack_ffd(lengths, capacity)
     want_exact = spec.pack_exact_fit(lengths, capacity)
     for counting in (True, False):
-        assert_same(nb._pack_ffd(lengths, capacity, counting), want_ffd)
-        assert_same(nb._pack_exact_fit(lengths, capacity, counting), want_exact)
+        assert_same(nb_pack._pack_ffd(lengths, capacity, counting), want_ffd)
+        assert_same(nb_pack._pack_exact_fit(lengths, capacity, counting), want_exact)
 
 
 @pytest.mark.parametrize("value", [1, 2, 3, 2048, 4096])
@@ -148,8 +151,8 @@ def test_partition_hull_equals_the_divide_and_conquer(seed):
         lengths = rng.choice(np.array([1, 2, 3, 5, 8, 100, 101, 4096], dtype=np.int64), n) if rng.random() < 0.5 \
             else rng.integers(1, int(rng.choice([3, 50, 10**6])), n, dtype=np.int64)
         k = int(rng.integers(1, n + 1))
-        hull = nb._partition(lengths, k, 0, True)
-        dc = nb._partition(lengths, k, 0, False)
+        hull = nb_partition.solve(lengths, k, 0, allow_hull=True)
+        dc = nb_partition.solve(lengths, k, 0, allow_hull=False)
         assert hull[0] == dc[0]
         np.testing.assert_array_equal(hull[1], dc[1])
         np.testing.assert_array_equal(hull[2], dc[2])
@@ -207,8 +210,11 @@ def test_balance_bigger_input_and_independent_checks():
 
 def test_import_compiles_nothing_and_kernels_are_cached_nogil():
     code = (
-        "import numba, opensloth.packing._numba as m\n"
-        "kernels = [v for v in vars(m).values() if isinstance(v, numba.core.registry.CPUDispatcher)]\n"
+        "import importlib, pkgutil, numba, opensloth.packing._numba as pkg\n"
+        "mods = [importlib.import_module(f'{pkg.__name__}.{m.name}') for m in pkgutil.iter_modules(pkg.__path__)]\n"
+        "assert {'pack', 'partition', 'balancing', 'gather'} <= {m.__name__.rsplit('.', 1)[1] for m in mods}, mods\n"
+        "kernels = {id(v): v for m in mods for v in vars(m).values()\n"
+        "           if isinstance(v, numba.core.registry.CPUDispatcher)}.values()\n"
         "assert len(kernels) > 10, kernels\n"
         "bad = [k.__name__ for k in kernels if k.signatures or not k.targetoptions.get('nogil')]\n"
         "assert not bad, bad\n"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -157,13 +160,72 @@ def test_balance_rejects_non_bool_equal_count(backend):
         lambda v: np.repeat(np.asarray(v, dtype=np.int64), 2)[::2],  # non-contiguous view
         lambda v: torch.tensor(v, dtype=torch.int32),
         lambda v: torch.tensor(v, dtype=torch.float64),
+        lambda v: torch.tensor(v, dtype=torch.bfloat16),  # no numpy dtype: read exactly through float64
+        lambda v: torch.tensor(v, dtype=torch.float16),
+        lambda v: torch.tensor(v, dtype=torch.float32).to(torch.float8_e4m3fn),
+        lambda v: np.ma.array(v, mask=np.zeros(len(v), dtype=bool)),  # a masked array with nothing masked
     ],
-    ids=["list", "tuple", "int8", "uint16", "int32", "float32", "strided", "torch-int32", "torch-float64"],
+    ids=["list", "tuple", "int8", "uint16", "int32", "float32", "strided", "torch-int32", "torch-float64",
+         "torch-bfloat16", "torch-float16", "torch-float8", "masked-none-masked"],
 )
 def test_accepted_input_types_give_the_same_plan(backend, make):
     values = [7, 3, 5, 1, 8, 2, 2, 6]
     reference = pack_lengths(values, 10, backend=backend)
     assert pack_lengths(make(values), 10, backend=backend) == reference
+
+
+def test_bfloat16_tensors_are_checked_like_other_floats(backend):
+    with pytest.raises(ValueError, match=r"lengths\[1\] = 2.5 has a fractional part"):
+        pack_lengths(torch.tensor([4.0, 2.5], dtype=torch.bfloat16), 8, backend=backend)
+    costs = torch.tensor([3, 3, 2, 2, 2], dtype=torch.bfloat16)
+    assert [p.tolist() for p in balance(costs, 2, backend=backend)] == \
+        [p.tolist() for p in balance([3, 3, 2, 2, 2], 2, backend=backend)]
+    assert [p.tolist() for p in partition_padded(costs, 2, backend=backend)] == \
+        [p.tolist() for p in partition_padded([3, 3, 2, 2, 2], 2, backend=backend)]
+
+
+def test_tensor_dtypes_numpy_cannot_hold_are_a_clear_type_error(backend):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "ComplexHalf support is experimental"
+        tensor = torch.tensor([1, 2]).to(torch.complex32)
+    with pytest.raises(TypeError, match=r"lengths is a torch tensor of dtype torch.complex32.*lengths\.long\(\)"):
+        pack_lengths(tensor, 8, backend=backend)
+
+
+_MASKED = np.ma.array([3, 5, 2, 4], mask=[False, True, False, True])
+_MASKED_MESSAGE = (r"{name} is a numpy masked array with 2 masked values \(the first at index 1\).*"
+                   r"{name}\.compressed\(\).*{name}\.filled\(")
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda b: pack_lengths(_MASKED, 8, backend=b), "lengths"),
+    (lambda b: partition_padded(_MASKED, 2, backend=b), "lengths"),
+    (lambda b: balance(_MASKED, 2, backend=b), "costs"),
+], ids=["pack_lengths", "partition_padded", "balance"])
+def test_masked_values_are_refused_not_silently_used(backend, call, name):
+    """A masked entry must not be packed as if it were data: every function refuses it and says how to drop or fill
+    it (before, the mask was ignored and item 1 was packed with its hidden value)."""
+    with pytest.raises(ValueError, match=_MASKED_MESSAGE.format(name=name)):
+        call(backend)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(values=np.ma.array(np.arange(6), mask=[0, 1, 0, 1, 0, 0])), "values"),
+    (dict(values=[np.arange(6), np.ma.array(np.arange(6), mask=[0, 1, 0, 1, 0, 0])], chunks=[1]), r"values\[1\]"),
+    (dict(starts=np.ma.array([0, 1, 2, 3], mask=[0, 1, 0, 1])), "starts"),
+    (dict(lengths=np.ma.array([1, 1, 1, 1], mask=[0, 1, 0, 1])), "lengths"),
+    (dict(order=np.ma.array([0, 1, 2, 3], mask=[0, 1, 0, 1])), "order"),
+], ids=["values", "values-chunk", "starts", "lengths", "order"])
+def test_gather_refuses_masked_arrays(backend, kwargs, name):
+    from opensloth.packing._gather import gather_segments
+
+    args = dict(values=np.arange(6), starts=[0], lengths=[1], order=None, chunks=None)
+    if "values" not in kwargs or "chunks" in kwargs:
+        args.update(starts=[0, 1, 2, 3], lengths=[1, 1, 1, 1])
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=_MASKED_MESSAGE.format(name=name)):
+        gather_segments(args.pop("values"), args.pop("starts"), args.pop("lengths"), args.pop("order"),
+                        backend=backend, **args)
 
 
 def test_inputs_are_not_modified(backend):
@@ -276,3 +338,204 @@ def test_packplan_helpers():
     assert "n_bins=2" in repr(plan)
     assert plan != PackPlan(bin_ptr=np.array([0, 3]), items=np.array([1, 0, 2]), bin_lengths=np.array([7]),
                             capacity=8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory at scale (scaled-down; real sizes are in benchmarks/bench_packing_scale.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _traced_peak(fn) -> int:
+    """Peak bytes that Python and numpy allocate while fn runs (numpy reports its buffers to tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("kind", ["one bin", "many bins"])
+def test_python_bfd_memory_stays_linear_when_free_spaces_are_all_distinct(kind):
+    """At a huge capacity every placement makes a new free-space value. The spec kept an (empty) queue for every
+    value ever reached: about 930 bytes per item (9 GB at 10M lengths); it must stay a small multiple of the
+    arrays it returns."""
+    from opensloth.packing import _python as spec
+
+    n = 30_000
+    rng = np.random.default_rng(0)
+    capacity = 2**40
+    lengths = rng.integers(8, 4096, n) if kind == "one bin" else rng.integers(1, capacity, n)
+    plan = spec.pack_bfd(lengths.astype(np.int64), capacity)
+    assert (len(plan[2]) == 1) == (kind == "one bin")
+    assert _traced_peak(lambda: spec.pack_bfd(lengths.astype(np.int64), capacity)) < 300 * n
+
+
+def _even_costs(n: int) -> np.ndarray:
+    """Even costs whose total is 2 mod 4: two parts cannot be equal, and no move or swap (every d even) closes a
+    gap of 2, so the refinement's last round finds no candidate after inspecting every pair."""
+    costs = 2 * np.random.default_rng(1).integers(1, 1000, n)
+    if costs.sum() % 4 == 0:
+        costs[0] += 2
+    return costs
+
+
+@functools.cache
+def _python_balance(n: int, equal_count: bool) -> list[list[int]]:
+    return [p.tolist() for p in balance(_even_costs(n), 2, equal_count=equal_count, backend="python")]
+
+
+@pytest.mark.parametrize("equal_count", [False, True])
+def test_balance_refinement_round_without_a_candidate_at_scale(backend, equal_count):
+    """60k items in 2 parts: the round that finds no candidate used to scan 30k x 30k pairs in numba and python
+    (a minute in python at this size, hours at 10M); the sorted search is O(n log n) on every backend."""
+    n = 60_000
+    costs = _even_costs(n)
+    parts = [p.tolist() for p in balance(costs, 2, equal_count=equal_count, backend=backend)]
+    loads = sorted(int(costs[p].sum()) for p in parts)
+    assert loads[1] - loads[0] == 2
+    assert parts == _python_balance(n, equal_count)
+
+
+def test_python_refinement_never_builds_pair_arrays():
+    """The spec's refinement scanned pairs in chunks of 4M (over 100 MB of temporary arrays: ~14 kB per item at 10k
+    items); the sorted search needs arrays as long as the two parts."""
+    n = 10_000
+    costs = _even_costs(n)
+    assert _traced_peak(lambda: balance(costs, 2, backend="python")) < 1000 * n
+
+
+def test_partition_padded_refuses_what_will_not_fit_before_allocating(backend, monkeypatch):
+    """10M lengths into 1,024 batches used to die in bad_alloc / numba 'Allocation failed' (a 4-8 GB table per 1M
+    lengths); the need is now computed first and a call above the limit is refused with the numbers and the fix."""
+    monkeypatch.setenv("OPENSLOTH_PACKING_MEMORY_GB", "0.001")
+    with pytest.raises(ValueError, match=r"partition_padded of 20,000 lengths into 100 batches needs about "
+                                         r"[\d.]+ MiB of working memory even holding split points for \d+ batches at "
+                                         r"a time, above the limit of 1\.0 MiB \(OPENSLOTH_PACKING_MEMORY_GB\); "
+                                         r"partition fewer lengths per call .* raise OPENSLOTH_PACKING_MEMORY_GB"):
+        partition_padded(np.ones(20_000, dtype=np.int64), 100, backend=backend)
+    assert len(partition_padded(np.ones(500, dtype=np.int64), 100, backend=backend)) == 100  # 0.05 MiB
+
+
+@pytest.mark.parametrize("raw", ["lots", "0", "-2", "nan", "inf"])
+def test_memory_limit_must_be_a_positive_number_of_gib(raw, monkeypatch):
+    monkeypatch.setenv("OPENSLOTH_PACKING_MEMORY_GB", raw)
+    with pytest.raises(ValueError, match=rf"OPENSLOTH_PACKING_MEMORY_GB='{raw}' is not a positive number of GiB"):
+        partition_padded([3, 1, 2], 2)
+
+
+def test_partition_padded_in_blocks_gives_the_same_split(backend, monkeypatch):
+    """With the table budget at 0 every call holds only ~sqrt(2 K) rows of split points and recomputes the rest:
+    the same batches, caps and infeasible prefixes included."""
+    from opensloth.packing import _validate
+
+    rng = np.random.default_rng(4)
+    cases = []
+    for _ in range(40):
+        n = int(rng.integers(1, 120))
+        lengths = rng.integers(1, int(rng.choice([3, 50, 5000])), n)
+        k = int(rng.integers(1, n + 1))
+        cap = None if rng.random() < 0.5 else int(rng.integers(lengths.max(), lengths.max() * n + 1))
+        cases.append((lengths, k, cap))
+
+    def run():
+        out = []
+        for lengths, k, cap in cases:
+            try:
+                out.append([b.tolist() for b in partition_padded(lengths, k, max_tokens_per_batch=cap,
+                                                                 backend=backend)])
+            except ValueError as exc:
+                out.append(str(exc))
+        return out
+
+    whole = run()
+    monkeypatch.setattr(_validate, "PARTITION_TABLE_BYTES", 0)
+    assert any(_validate.partition_rows(len(lengths), k) < k - 1 for lengths, k, _ in cases)
+    assert run() == whole
+
+
+_PEAK_SCRIPT = """
+import resource, sys
+import numpy as np
+from opensloth import packing
+def _status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+def peak_start():
+    # Linux resets the peak (VmHWM) to the current RSS on "5" > /proc/self/clear_refs; elsewhere ru_maxrss,
+    # which remembers every earlier peak (a lower bound of what the call adds).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status("VmRSS"), True
+    except (OSError, TypeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, False
+
+def peak_added(start, exact):
+    return (_status("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - start
+
+function, backend, n, k = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+values = np.random.default_rng(0).integers(1, 4096, n)
+call = getattr(packing, function)
+call(values[:300], 20, backend=backend)  # imports, numba kernels
+start, exact = peak_start()
+call(values, k, backend=backend)
+print(peak_added(start, exact))
+"""
+
+
+def _peak_added(function: str, backend: str, n: int, k: int) -> int:
+    """Bytes of resident memory ``opensloth.packing.<function>(values, k)`` adds at its peak, in a fresh process."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, function, backend, str(n), str(k)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.split()[-1])
+
+
+def test_partition_padded_peak_memory_is_what_was_planned(backend):
+    """The peak the call adds stays within the planned need, far below the full table of split points it used to
+    allocate (200k lengths into 700 batches: 533 MiB native, 1.07 GiB numba and python)."""
+    from opensloth.packing import _validate
+
+    if backend == "python":  # too slow at that size: the same check at a small one, with every row block recomputed
+        n, k = 150, 120
+        lengths = np.random.default_rng(0).integers(1, 4096, n)
+        partition_padded(lengths[:20], 5, backend=backend)
+        table = _validate.PARTITION_TABLE_BYTES
+        try:
+            _validate.PARTITION_TABLE_BYTES = 0
+            rows = _validate.partition_rows(n, k)
+            peak = _traced_peak(lambda: partition_padded(lengths, k, backend=backend))
+        finally:
+            _validate.PARTITION_TABLE_BYTES = table
+        slack = 16 << 10
+    else:
+        n, k = 200_000, 700
+        rows = _validate.partition_rows(n, k)
+        peak = _peak_added("partition_padded", backend, n, k)
+        slack = 16 << 20
+    need = _validate.partition_memory(n, k, rows)
+    assert rows < k - 1 and need * 4 < (k - 1) * (n + 1) * 8
+    assert peak <= need + slack
+
+
+def test_balance_memory_follows_the_live_solutions_not_items_times_parts(backend):
+    """Karmarkar-Karp starts from one partial solution per item (or group), each of num_parts subsets. The numba and
+    python backends built them all up front: n x num_parts sums and lists (40k items into 2,000 parts: 1.5 GB numba,
+    6 GB python; ~22 kB per item in python at 3k items into 300 parts). They are now built when first merged, as
+    natively, so memory follows the live solutions."""
+    if backend == "python":  # the same at a size pure Python runs in seconds
+        n, k = 3000, 300
+        costs = np.random.default_rng(0).integers(1, 4096, n)
+        balance(costs[:10], 3, backend=backend)
+        assert _traced_peak(lambda: balance(costs, k, backend=backend)) < 1000 * n
+        return
+    assert _peak_added("balance", backend, 40_000, 2000) < 64 << 20

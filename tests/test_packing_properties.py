@@ -136,6 +136,50 @@ def reference_lpt_max(costs, k, equal_count):
     return max(loads)
 
 
+def reference_refine(costs, parts, equal_count):
+    """The swap refinement by its definition: every (a, b) pair of the heaviest and the lightest part scanned, the
+    smallest (|2d - g|, a, b) taken (b = -1, a plain move, before every item)."""
+    parts = [sorted(p) for p in parts]
+    k = len(parts)
+    for _ in range(len(costs)):
+        loads = [sum(costs[i] for i in p) for p in parts]
+        heavy = min(range(k), key=lambda p: (-loads[p], p))
+        light = min(range(k), key=lambda p: (loads[p], p))
+        gap = loads[heavy] - loads[light]
+        if gap <= 1:
+            break
+        best = None
+        for a in parts[heavy]:
+            for b in ([] if equal_count else [-1]) + parts[light]:
+                d = costs[a] - (costs[b] if b >= 0 else 0)
+                if 0 < d < gap and (best is None or (abs(2 * d - gap), a, b) < best):
+                    best = (abs(2 * d - gap), a, b)
+        if best is None:
+            break
+        _, a, b = best
+        parts[heavy] = sorted(set(parts[heavy]) - {a} | ({b} if b >= 0 else set()))
+        parts[light] = sorted(set(parts[light]) - {b} | {a})
+    return parts
+
+
+def refine_with(backend, costs, parts, equal_count):
+    """One backend's refinement on a given start (the native one is reached only through ``balance``)."""
+    arr = np.asarray(costs, dtype=np.int64)
+    if backend == "python":
+        from opensloth.packing._python.balancing import _refine
+
+        return _refine(arr, parts, equal_count)
+    if backend == "numba":
+        from opensloth.packing._numba.balancing import _refine
+
+        part_of = np.empty(len(costs), dtype=np.int64)
+        for p, items in enumerate(parts):
+            part_of[items] = p
+        _refine(arr, part_of, len(parts), equal_count)
+        return [np.flatnonzero(part_of == p).tolist() for p in range(len(parts))]
+    pytest.skip("the native refinement is reached only through balance (test_balance_identical_to_python_backend)")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Packing
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,6 +318,25 @@ def test_partition_identical_to_python_backend(backend, lengths, data):
     assert [b.tolist() for b in got] == [b.tolist() for b in expected]
 
 
+@SETTINGS
+@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=150), data=st.data())
+def test_partition_rows_held_at_once_never_change_the_split(backend, lengths, data):
+    """The backends' memory bound (``rows`` of split points at a time, blocks recomputed) returns what the whole
+    table does, caps and infeasible prefixes included."""
+    from opensloth import packing
+
+    module = packing._load(backend)
+    arr = np.asarray(lengths, dtype=np.int64)
+    k = data.draw(st.integers(1, len(lengths)))
+    cap = data.draw(st.one_of(st.just(0), st.integers(max(lengths), max(lengths) * len(lengths))))
+    rows = data.draw(st.integers(1, max(k - 1, 1)))
+    whole = module.partition_padded(arr, k, cap, 0)
+    part = module.partition_padded(arr, k, cap, rows)
+    assert (whole[0] is None) == (part[0] is None)
+    if whole[0] is not None:
+        assert whole[0].tolist() == part[0].tolist() and whole[1].tolist() == part[1].tolist()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Balance
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,6 +372,17 @@ def test_balance_identical_to_python_backend(backend, case, equal_count):
     got = balance(costs, k, equal_count=equal_count, backend=backend)
     expected = balance(costs, k, equal_count=equal_count, backend="python")
     assert [p.tolist() for p in got] == [p.tolist() for p in expected]
+
+
+@SETTINGS
+@given(case=balance_case(), equal_count=st.booleans(), data=st.data())
+def test_refinement_matches_the_pairwise_definition(backend, case, equal_count, data):
+    """From arbitrary starts (many rounds, every tie-break), the sorted search picks the pair the scan of every
+    pair picks."""
+    costs, k = case
+    owner = data.draw(st.lists(st.integers(0, k - 1), min_size=len(costs), max_size=len(costs)))
+    parts = [[i for i, o in enumerate(owner) if o == p] for p in range(k)]
+    assert refine_with(backend, costs, parts, equal_count) == reference_refine(costs, parts, equal_count)
 
 
 def test_balance_finds_a_perfect_split_lpt_misses(backend):

@@ -1,9 +1,10 @@
 """Sequence packing and batch balancing: public API, input validation and backend dispatch.
 
 Three backends compute the same thing: ``native`` (the C++17 extension ``opensloth._native``), ``numba`` and
-``python`` (``_python.py``, the written spec, tie-breaks included). Every backend returns identical arrays for every
-input, so DDP ranks that compute the same plan agree without talking. Inputs are validated here, once, above the
-backends, so error messages are identical whichever backend runs.
+``python`` (the package ``_python``, the written spec, tie-breaks included), each split per algorithm like
+``csrc/``. Every backend returns identical arrays for every input, so DDP ranks that compute the same plan agree
+without talking. Inputs are validated once, above the backends (``_validate.py``), so error messages are identical
+whichever backend runs; the backend is chosen here, for the packing functions and the segment gather alike.
 
 Choose a backend with ``OPENSLOTH_BACKEND=auto|native|numba|python`` (default ``auto``: the fastest available,
 logged once) or per call with ``backend=``. Asking for a backend that is not there raises ImportError saying why.
@@ -15,17 +16,18 @@ import importlib
 import os
 import threading
 from dataclasses import dataclass
-from numbers import Integral, Real
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from opensloth.distributed import logger
+from opensloth.packing._validate import MAX_EMPTY_PARTS, STRATEGIES, balance_args, pack_args, partition_args
 
 __all__ = [
     "BACKEND_NAMES",
     "MAX_EMPTY_PARTS",
+    "STRATEGIES",
     "PackPlan",
     "available_backends",
     "balance",
@@ -35,9 +37,6 @@ __all__ = [
 ]
 
 BACKEND_NAMES = ("native", "numba", "python")
-STRATEGIES = ("bfd", "ffd", "exact_fit", "best")
-_INT64_MAX = np.iinfo(np.int64).max
-MAX_EMPTY_PARTS = 1 << 16  # balance(): num_parts may exceed the item count up to this (each part is an array)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Backend loading
@@ -148,96 +147,6 @@ def get_backend() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _to_numpy(values: Any, name: str) -> np.ndarray:
-    if isinstance(values, (str, bytes)) or values is None or isinstance(values, dict):
-        raise TypeError(f"{name} must be a 1-D sequence of integers (list, numpy array or torch tensor), "
-                        f"got {type(values).__name__}")
-    module = type(values).__module__ or ""
-    if module.startswith("torch") and hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
-    if isinstance(values, np.ndarray):
-        arr = values
-    else:
-        try:
-            values = list(values)
-        except TypeError:
-            raise TypeError(
-                f"{name} must be a 1-D sequence of integers (list, numpy array or torch tensor), "
-                f"got {type(values).__name__}"
-            ) from None
-        for i, v in enumerate(values):
-            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (Integral, Real)):
-                raise TypeError(f"{name}[{i}] = {v!r} is a {type(v).__name__}, not an integer")
-        arr = np.asarray(values) if values else np.zeros(0, dtype=np.int64)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
-    if arr.dtype == np.bool_:
-        raise TypeError(f"{name} has dtype bool; pass integer lengths")
-    if arr.dtype.kind not in "iuf":
-        raise TypeError(f"{name} has dtype {arr.dtype}; pass integers")
-    return arr
-
-
-def _as_int64(values: Any, name: str, *, low: int, high: int | None, high_name: str = "", fix: str = "") -> np.ndarray:
-    """Convert to a C-contiguous int64 array, checking every element is a whole number in [low, high]."""
-    arr = _to_numpy(values, name)
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty; pass at least one value")
-    if arr.dtype.kind == "f":
-        finite = np.isfinite(arr)
-        if not finite.all():
-            i = int(np.argmin(finite))
-            raise ValueError(f"{name}[{i}] = {arr[i]} is not a finite number; pass whole-number values")
-        frac = arr != np.floor(arr)
-        if frac.any():
-            i = int(np.argmax(frac))
-            raise ValueError(f"{name}[{i}] = {arr[i].item()!r} has a fractional part; pass whole-number values")
-        if (np.abs(arr) >= 2.0**63).any():
-            i = int(np.argmax(np.abs(arr) >= 2.0**63))
-            raise ValueError(f"{name}[{i}] = {arr[i]} does not fit in int64")
-    elif arr.dtype == np.uint64 and (arr > _INT64_MAX).any():
-        i = int(np.argmax(arr > _INT64_MAX))
-        raise ValueError(f"{name}[{i}] = {arr[i]} does not fit in int64")
-    out = np.ascontiguousarray(arr, dtype=np.int64)
-    below = out < low
-    if below.any():
-        i = int(np.argmax(below))
-        raise ValueError(f"{name}[{i}] = {out[i]} is below the minimum {low}{fix}")
-    if high is not None:
-        above = out > high
-        if above.any():
-            i = int(np.argmax(above))
-            raise ValueError(f"{name}[{i}] = {out[i]} exceeds {high_name} {high}{fix}")
-    return out
-
-
-def _check_per_item_limit(arr: np.ndarray, name: str, limit: int, why: str) -> None:
-    """A bound on every value that depends on the item count (so that sums or products stay exact in int64)."""
-    if int(arr.max()) > limit:
-        i = int(np.argmax(arr > limit))
-        raise ValueError(f"{name}[{i}] = {arr[i]} exceeds {limit}: with {arr.shape[0]} items {why}; "
-                         f"pass {name} in smaller units")
-
-
-def _as_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (Integral, Real)):
-        raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
-    if isinstance(value, Real) and not isinstance(value, Integral):
-        if not np.isfinite(value) or value != int(value):
-            raise ValueError(f"{name} = {value!r} must be a positive integer")
-    value = int(value)
-    if value <= 0:
-        raise ValueError(f"{name} = {value} must be a positive integer (> 0)")
-    if value > _INT64_MAX:
-        raise ValueError(f"{name} = {value} does not fit in int64")
-    return value
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -317,11 +226,7 @@ def pack_lengths(lengths: Any, capacity: int, *, strategy: str = "bfd", backend:
     fractional or NaN, and for an empty input or ``capacity <= 0``; TypeError for non-numeric input. Truncating or
     splitting long samples is the data layer's job (``opensloth.data``).
     """
-    capacity = _as_positive_int(capacity, "capacity")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown packing strategy {strategy!r}; choose one of {STRATEGIES}")
-    arr = _as_int64(lengths, "lengths", low=1, high=capacity, high_name="the capacity",
-                    fix="; truncate or split long samples before packing (opensloth.data overlong policies)")
+    arr, capacity = pack_args(lengths, capacity, strategy)
     _, module = _resolve(backend)
     if strategy == "best":
         bfd = module.pack_bfd(arr, capacity)
@@ -347,21 +252,15 @@ def partition_padded(
     Among optimal splits the one returned is canonical: each batch boundary is the smallest one that is still
     optimal (the same for every backend). ``max_tokens_per_batch`` caps each batch's padded size
     (longest x size); ValueError when no split into ``num_batches`` batches meets the cap.
+
+    Memory is sized before anything is allocated: the split points of every batch count while they take at most
+    256 MiB, else blocks of them recomputed (the same result in at most twice the time, in about
+    ``64 + 8 sqrt(2 x num_batches)`` bytes per length); ValueError naming the need when that exceeds
+    ``OPENSLOTH_PACKING_MEMORY_GB`` GiB (default 8).
     """
-    num_batches = _as_positive_int(num_batches, "num_batches")
-    cap = None if max_tokens_per_batch is None else _as_positive_int(max_tokens_per_batch, "max_tokens_per_batch")
-    arr = _as_int64(lengths, "lengths", low=1, high=cap, high_name="max_tokens_per_batch",
-                    fix="; a single sample must fit in one batch")
-    # Every padded cost is at most longest x count, which must stay below the DP's INF (2**62) for exact int64.
-    _check_per_item_limit(arr, "lengths", ((1 << 62) - 1) // arr.shape[0],
-                          "the padded size (longest x count) must stay below 2**62 for exact int64 arithmetic")
-    if num_batches > arr.shape[0]:
-        raise ValueError(
-            f"num_batches = {num_batches} exceeds the number of items {arr.shape[0]}; every batch must be non-empty, "
-            f"so pass num_batches <= {arr.shape[0]}"
-        )
+    arr, num_batches, cap, rows = partition_args(lengths, num_batches, max_tokens_per_batch)
     _, module = _resolve(backend)
-    ptr, items = module.partition_padded(arr, num_batches, 0 if cap is None else cap)
+    ptr, items = module.partition_padded(arr, num_batches, 0 if cap is None else cap, rows)
     if ptr is None:
         raise ValueError(
             f"no split of {arr.shape[0]} items into {num_batches} batches keeps every batch's padded size "
@@ -380,17 +279,7 @@ def balance(costs: Any, num_parts: int, *, equal_count: bool = False, backend: s
     Each part's indices are returned in ascending order; parts may be empty when there are fewer items than parts
     (``num_parts`` at most the larger of the item count and ``MAX_EMPTY_PARTS``, since every part is returned).
     """
-    num_parts = _as_positive_int(num_parts, "num_parts")
-    arr = _as_int64(costs, "costs", low=0, high=None)
-    _check_per_item_limit(arr, "costs", _INT64_MAX // arr.shape[0], "the sum of costs must fit in int64")
-    most_parts = max(arr.shape[0], MAX_EMPTY_PARTS)
-    if num_parts > most_parts:
-        raise ValueError(
-            f"num_parts = {num_parts} exceeds {most_parts} (the larger of the {arr.shape[0]} items and "
-            f"{MAX_EMPTY_PARTS}): parts beyond the item count stay empty, and every part is returned; ask for fewer"
-        )
-    if not isinstance(equal_count, (bool, np.bool_)):
-        raise TypeError(f"equal_count must be True or False, got {equal_count!r}")
+    arr, num_parts, equal_count = balance_args(costs, num_parts, equal_count)
     _, module = _resolve(backend)
-    ptr, items = module.balance(arr, num_parts, bool(equal_count))
+    ptr, items = module.balance(arr, num_parts, equal_count)
     return _split_csr(ptr, items)

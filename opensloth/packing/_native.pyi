@@ -27,10 +27,10 @@ def pack_exact_fit(lengths: _Int64Array, capacity: int) -> tuple[_Int64Array, _I
     """Exact fit, one bin at a time: ``(bin_ptr, items, bin_lengths)``."""
 
 def partition_padded(
-    lengths: _Int64Array, num_batches: int, cap: int
+    lengths: _Int64Array, num_batches: int, cap: int, rows: int = 0
 ) -> tuple[_Int64Array, _Int64Array] | tuple[None, None]:
     """Exact padded partition: ``(batch_ptr, items)``; ``cap == 0`` means no cap; ``(None, None)`` when no split
-    meets the cap."""
+    meets the cap. At most ``rows`` rows of split points are held at once (0: all), the rest recomputed."""
 
 def balance(costs: _Int64Array, num_parts: int, equal_count: bool) -> tuple[_Int64Array, _Int64Array]:
     """LPT or Karmarkar-Karp (the better), then swap refinement: ``(part_ptr, items)``."""
