@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from opensloth.data.shared import (  # noqa: E402
+from benchmarks._shared_data import (  # noqa: E402
     SHARED_CHAT_FILES,
     chat_template_token_ids,
     read_shared_chat,

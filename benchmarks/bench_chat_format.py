@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._report import machine_header, markdown_table, write_result  # noqa: E402
+from benchmarks._shared_data import SHARED_CHAT_FILES, read_shared_chat, shared_data_dir  # noqa: E402
 from opensloth.data.chat import (  # noqa: E402
     detect_end_of_turn,
     probe_chat_template,
@@ -35,7 +36,6 @@ from opensloth.data.chat import (  # noqa: E402
     render_with_spans,
     tokenize_chat_dataset,
 )
-from opensloth.data.shared import SHARED_CHAT_FILES, read_shared_chat, shared_data_dir  # noqa: E402
 
 
 class _CountingTokenizer:

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._report import machine_header, markdown_table, write_section  # noqa: E402
+from benchmarks._shared_data import chat_template_token_ids, read_shared_chat, shared_data_dir  # noqa: E402
 from opensloth.collate import PackedDataCollator  # noqa: E402
-from opensloth.data.shared import chat_template_token_ids, read_shared_chat, shared_data_dir  # noqa: E402
 from opensloth.masks import block_causal_mask  # noqa: E402
 from opensloth.packing import pack_lengths  # noqa: E402
 

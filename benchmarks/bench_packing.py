@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import peers  # noqa: E402
 from benchmarks._report import machine_header, markdown_table, package_versions, write_result  # noqa: E402
-from opensloth.data.shared import (  # noqa: E402
+from benchmarks._shared_data import (  # noqa: E402
     SHARED_CHAT_FILES,
     chat_template_token_ids,
     read_shared_chat,

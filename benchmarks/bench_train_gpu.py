@@ -215,7 +215,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         raise SystemExit("hf_opensloth runs without Unsloth: pass --backend hf")
     if min(args.nproc, args.micro_rows, args.grad_accum, args.steps) < 1 or args.warmup_steps < 0:
         raise SystemExit("--nproc, --micro_rows, --grad_accum and --steps must be positive, --warmup_steps >= 0")
-    from opensloth.data.shared import shared_data_dir
+    from benchmarks._shared_data import shared_data_dir
 
     shared = shared_data_dir()
     small = all(s.startswith(("small_", "cpu_")) for s in shapes)
@@ -280,9 +280,9 @@ def prepare_data(cfg: BenchConfig) -> dict:
     import numpy as np
     from transformers import AutoTokenizer
 
+    from benchmarks._shared_data import SHARED_CHAT_FILES, read_shared_chat
     from opensloth.data.chat import tokenize_chat_dataset
     from opensloth.data.packed import build_packed_dataset
-    from opensloth.data.shared import SHARED_CHAT_FILES, read_shared_chat
 
     try:
         records = [r for name in SHARED_CHAT_FILES for r in read_shared_chat(name, cfg.data_dir)]

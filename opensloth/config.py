@@ -1,10 +1,12 @@
-"""The training harness's configuration: one dataclass whose fields are the command-line flags of
-`train_scripts/train_configurable.py`, with their help text, choices and validation.
+"""The training harness's configuration: one dataclass whose fields are the command-line flags of `opensloth train`
+(`opensloth.cli.train`; `train_scripts/train_configurable.py` in a checkout), with their help text, choices and
+validation.
 
 `build_parser()` makes the argparse parser from the fields; `resolve_config(namespace)` fills what the command
 line left out from the preset (if any), then from the field defaults (the seed's), and records where every value
-came from; `TrainConfig.problems()` lists invalid values as `(flag, message)` pairs, which the script turns into
-argparse errors naming the flag. Nothing here imports torch, transformers or Unsloth.
+came from; `TrainConfig.problems()` lists invalid values as `(flag, message)` pairs, which the command turns into
+argparse errors naming the flag: every check of the flags themselves lives there (what the machine or the model
+cannot run is checked by `opensloth.cli.train.check_machine`). Nothing here imports torch, transformers or Unsloth.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "REPORT_TO",
     "TrainConfig",
     "build_parser",
+    "dataset_problem",
     "looks_like_local_path",
     "resolve_config",
 ]
@@ -41,6 +44,9 @@ GRADIENT_CHECKPOINTING = ("auto", "on", "off")
 DEFAULT_DATASET = "trl-lib/Capybara"
 PRESET_DATASET = "synthetic"
 ON_ERROR = ("raise", "skip")
+# The development datasets of the OpenSloth repository (tests and benchmarks read them through
+# benchmarks/_shared_data.py). The library does not look them up: named here only to tell a user to pass the file.
+DEVELOPMENT_DATASETS = ("alpaca", "gsm8k", "hh_rlhf", "arena_hard")
 # Suffixes of the local data files --dataset reads (anything else without a path form is a hub dataset name).
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 # The settings that change a run's loss curve: a run resumes from a checkpoint only when these match the stored
@@ -65,6 +71,21 @@ def looks_like_local_path(spec: str) -> bool:
     return "/" in spec and os.path.isdir(spec.split("/", 1)[0])
 
 
+def dataset_problem(spec: str) -> str | None:
+    """Why a dataset value cannot be read, or None: a local path that does not exist, or the bare name of one of the
+    repository's development datasets (which the library does not look up). Hub names are checked when loaded."""
+    if os.path.exists(os.path.expanduser(spec)):
+        return None
+    if looks_like_local_path(spec):
+        return (f"file not found: {spec!r} (relative to {os.getcwd()}); give an existing JSONL/JSON/Parquet/CSV file "
+                f"or save_to_disk folder")
+    if spec in DEVELOPMENT_DATASETS:
+        return (f"{spec!r} is one of the OpenSloth repository's development datasets ({', '.join(DEVELOPMENT_DATASETS)}"
+                f"), which the library does not look up by name; pass the path of its records file instead, e.g. "
+                f"../shared/data/chat/alpaca_en_demo.jsonl in a checkout that has the development data")
+    return None
+
+
 def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "training", flag: str | None = None,
        action: str | None = None, metavar: str | None = None) -> Any:
     meta = {"help": help, "choices": choices, "group": group, "flag": flag, "action": action, "metavar": metavar}
@@ -75,7 +96,8 @@ def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "t
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run (the flags of train_configurable.py, same names)."""
+    """Every setting of a training run (the flags of `opensloth train`, same names as the seed's
+    train_configurable.py)."""
 
     # model
     model_name: str = _f("unsloth/Qwen3-0.6B-bnb-4bit", "model to fine-tune: a Hugging Face hub name or a local "
@@ -103,9 +125,8 @@ class TrainConfig:
                                   choices=ATTN_IMPLEMENTATIONS, group="model")
 
     # data
-    dataset: str | None = _f(None, f"training data: a JSONL/JSON file of chat records, a save_to_disk folder, a "
-                             f"shared dataset name (alpaca, gsm8k, hh_rlhf, arena_hard, from $OPENSLOTH_SHARED_DATA "
-                             f"or ../shared/data), '{PRESET_DATASET}' (the generated chat data), or a hub dataset "
+    dataset: str | None = _f(None, f"training data: a JSONL/JSON (or Parquet/CSV) file of chat records, a "
+                             f"save_to_disk folder, '{PRESET_DATASET}' (the generated chat data), or a hub dataset "
                              f"name (default {DEFAULT_DATASET}; '{PRESET_DATASET}' with --preset)", group="data")
     max_seq_length: int = _f(4096, "longest sample in tokens (longer ones are truncated); also the packed row "
                              "capacity", group="data")
@@ -117,9 +138,9 @@ class TrainConfig:
                       group="data")
     all_tokens: bool = _f(False, "train on every token (default: assistant turns only)", group="data",
                           action="store_true")
-    skip_prepare: bool = _f(False, "load a dataset written by train_scripts/precompute_dataset.py instead of "
-                            "preparing one (needs --prepared_dataset_path)", group="data", action="store_true")
-    prepared_dataset_path: str | None = _f(None, "folder written by precompute_dataset.py "
+    skip_prepare: bool = _f(False, "load a dataset written by `opensloth precompute` instead of preparing one "
+                            "(needs --prepared_dataset_path)", group="data", action="store_true")
+    prepared_dataset_path: str | None = _f(None, "folder written by `opensloth precompute` "
                                            "(data/precomputed/<name>); implies --skip_prepare", group="data")
     on_error: str = _f("raise", "a malformed record (a line that is not JSON, no conversation, no assistant turn, "
                        "...) stops the run naming its file:line (raise), or is dropped and counted (skip)",
@@ -205,6 +226,9 @@ class TrainConfig:
         wrong."""
         out: list[tuple[str, str]] = []
         given = {k for k, v in (sources or {}).items() if v == "flag"}
+        if self.preset is not None and "model_name" in given:
+            out.append(("--model_name", f"conflicts with --preset {self.preset}, which builds its own model; give one "
+                                        f"of them"))
 
         def need(cond: bool, name: str, message: str) -> None:
             if not cond:
@@ -237,15 +261,13 @@ class TrainConfig:
              f"must be a non-empty name without '/', got {self.experiment_name!r}")
         if self.skip_prepare and not self.prepared_dataset_path:
             out.append(("--prepared_dataset_path", "is required with --skip_prepare (a folder written by "
-                                                   "train_scripts/precompute_dataset.py)"))
+                                                   "`opensloth precompute`)"))
         if self.prepared_dataset_path and not os.path.isdir(self.prepared_dataset_path):
             out.append(("--prepared_dataset_path", f"{self.prepared_dataset_path!r} is not a folder; create it with "
-                                                   f"`python train_scripts/precompute_dataset.py ... --name NAME` "
+                                                   f"`opensloth precompute ... --name NAME` "
                                                    f"(it writes data/precomputed/NAME)"))
-        if self.dataset and looks_like_local_path(self.dataset) and not os.path.exists(
-                os.path.expanduser(self.dataset)):
-            out.append(("--dataset", f"file not found: {self.dataset!r} (relative to {os.getcwd()}); give an "
-                                     f"existing JSONL/JSON/Parquet/CSV file or save_to_disk folder"))
+        if self.dataset and dataset_problem(self.dataset) is not None:
+            out.append(("--dataset", dataset_problem(self.dataset)))
         if self.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(self.resume_from_checkpoint):
             out.append(("--resume_from_checkpoint", f"{self.resume_from_checkpoint!r} is not a checkpoint folder "
                                                     f"(give a path such as outputs/<run>/checkpoint-100, or 'latest')"))

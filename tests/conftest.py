@@ -13,7 +13,7 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 from hypothesis import settings  # noqa: E402
 
-from opensloth.data.shared import (  # noqa: E402
+from benchmarks._shared_data import (  # noqa: E402
     SHARED_CHAT_FILES,
     chat_template_token_ids,
     read_shared_chat,

@@ -474,9 +474,9 @@ def test_precompute_script_writes_a_loadable_dataset(tmp_path, shared_data, monk
     spec = importlib.util.spec_from_file_location("precompute_dataset", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    argv = ["--data", "hh_rlhf", "--tokenizer", str(shared_data / "tokenizers" / "qwen3"), "--max_records", "60",
-            "--val_size", "10", "--max_seq_length", "300", "--output_dir", str(tmp_path), "--name", "hh"]
-    monkeypatch.setenv("OPENSLOTH_SHARED_DATA", str(shared_data))
+    argv = ["--data", str(shared_data / "chat" / "hh_rlhf_helpful_base_test.jsonl"), "--tokenizer",
+            str(shared_data / "tokenizers" / "qwen3"), "--max_records", "60", "--val_size", "10", "--max_seq_length",
+            "300", "--output_dir", str(tmp_path), "--name", "hh"]
     assert script.main(argv) == 0
     out = capsys.readouterr().out
     assert f"--skip_prepare --prepared_dataset_path {tmp_path / 'hh'}" in out

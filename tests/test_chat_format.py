@@ -368,7 +368,7 @@ def test_prompt_completion_records(qwen3_tokenizer):
 
 
 def test_json_list_records_are_named_by_file_and_line(qwen3_tokenizer, tmp_path):
-    from opensloth.data.shared import read_chat_records
+    from opensloth.data.records import read_chat_records
 
     bad = {"id": "bad", "messages": [{"role": "user", "content": "q"}]}
     path = tmp_path / "chats.json"

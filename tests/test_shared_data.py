@@ -1,4 +1,5 @@
-"""opensloth.data.shared: the shared chat datasets by name, and reading chat-record files with clear errors."""
+"""The development data helper (benchmarks/_shared_data.py: the shared chat datasets by name) and the library's
+chat-record file reading (opensloth.data.records) with clear errors."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import json
 
 import pytest
 
-from opensloth.data.shared import SHARED_CHAT_FILES, read_chat_records, read_shared_chat, shared_chat_paths
+from benchmarks._shared_data import SHARED_CHAT_FILES, read_shared_chat, shared_chat_paths
+from opensloth.data.records import read_chat_records
 
 
 def test_every_shared_dataset_reads_as_chat_records(shared_data):
@@ -53,8 +55,8 @@ def test_read_chat_records_jsonl_json_and_bad_lines(tmp_path):
 
 def test_chat_template_token_ids_match_the_training_tokenisation(chat_records, qwen3_tokenizer):
     """The ids the tests and benchmarks measure are the ones the training pipeline feeds the model."""
+    from benchmarks._shared_data import chat_template_token_ids
     from opensloth.data.chat import tokenize_chat_dataset
-    from opensloth.data.shared import chat_template_token_ids
 
     records = chat_records["hh_rlhf"][:16] + chat_records["gsm8k"][:16]
     ids = chat_template_token_ids(records, qwen3_tokenizer)

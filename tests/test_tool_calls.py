@@ -339,7 +339,7 @@ BAD_TOOL_RECORDS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_TOOL_RECORDS))
 def test_bad_tool_records_are_named_by_file_and_line(qwen3_tokenizer, tmp_path, case, caplog):
-    from opensloth.data.shared import read_chat_records
+    from opensloth.data.records import read_chat_records
 
     turn, fragment = BAD_TOOL_RECORDS[case]
     good = RECORDS[0]
@@ -357,7 +357,7 @@ def test_bad_tool_records_are_named_by_file_and_line(qwen3_tokenizer, tmp_path, 
 
 
 def test_bad_tools_field_and_bad_lines(qwen3_tokenizer, tmp_path, caplog):
-    from opensloth.data.shared import read_chat_records
+    from opensloth.data.records import read_chat_records
 
     for tools, fragment in (("{not json", "not valid JSON"), ({"name": "f"}, "expected a list of tool definitions"),
                             ([1, 2], "expected a list of tool definitions")):
@@ -401,7 +401,7 @@ def test_packed_builder_keeps_tool_call_labels(qwen3_tokenizer, tool_rows, backe
 
 def test_cache_key_of_tool_records(tmp_path):
     from opensloth.data.cache import dataset_fingerprint, make_cache_key
-    from opensloth.data.shared import read_chat_records
+    from opensloth.data.records import read_chat_records
 
     path = tmp_path / "t.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n", encoding="utf-8")

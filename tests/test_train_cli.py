@@ -1,4 +1,5 @@
-"""train_scripts/train_configurable.py's command line: defaults, validation, preset resolution, config printing."""
+"""`opensloth train`'s command line (opensloth/cli/train.py; train_scripts/train_configurable.py is a wrapper over
+it): defaults, validation, preset resolution, config printing, the console command and the wrapper."""
 
 from __future__ import annotations
 
@@ -20,6 +21,14 @@ SCRIPT = ROOT / "train_scripts" / "train_configurable.py"
 
 @pytest.fixture(scope="module")
 def cli():
+    import opensloth.cli.train as module
+
+    return module
+
+
+@pytest.fixture(scope="module")
+def wrapper():
+    """train_scripts/train_configurable.py loaded by path, as the seed's users and older tests did."""
     spec = importlib.util.spec_from_file_location("train_configurable_under_test", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -106,13 +115,13 @@ def test_flash_attention_2_without_the_package_is_an_argparse_error(cli, capsys,
 
 
 def test_gpu_only_attention_on_a_cpu_stops_before_loading(cli):
-    config, _ = cli.parse_args(["--attn_implementation", "eager"])
-    cli.check_attention_backend(config, "hf")  # fine anywhere
+    config, _ = cli.parse_args(["--attn_implementation", "eager", "--preset", "tiny"])
+    cli.check_machine(config, "hf")  # fine anywhere
     config, _ = cli.parse_args(["--attn_implementation", "flex_attention"])
     if cli._cuda_available():
         pytest.skip("a GPU is visible")
     with pytest.raises(cli.RunError, match="flex_attention needs a CUDA GPU"):
-        cli.check_attention_backend(config, "hf")
+        cli.check_machine(config, "hf")
 
 
 def test_lora_targets_are_checked_against_the_model(cli):
@@ -263,13 +272,27 @@ def test_unsloth_backend_without_cuda_is_a_clear_error(cli, capsys):
 def test_auto_backend_falls_back_to_transformers_on_cpu(cli):
     assert cli.resolve_backend("auto") == "hf"
     assert cli.resolve_backend("hf") == "hf"
+    config, _ = cli.parse_args(["--preset", "tiny", "--backend", "auto"])
+    assert cli.check_machine(config) == "hf"  # the one runtime check resolves the backend too
 
 
 @pytest.mark.skipif(not _no_cuda(), reason="checks the CPU-only error path")
-def test_4bit_checkpoint_on_cpu_is_a_clear_error(cli):
+def test_4bit_checkpoint_and_nccl_on_cpu_are_clear_errors(cli):
     config, _ = cli.parse_args(["--backend", "hf"])  # the seed's default model, a bitsandbytes 4-bit checkpoint
     with pytest.raises(cli.RunError, match="needs a CUDA GPU.*--preset tiny"):
-        cli.load_model(config, "hf", 0)
+        cli.check_machine(config, "hf")
+    config, _ = cli.parse_args(["--preset", "tiny", "--ddp_backend", "nccl"])
+    with pytest.raises(cli.RunError, match="--ddp_backend nccl needs CUDA GPUs.*gloo"):
+        cli.check_machine(config, "hf")
+
+
+@pytest.mark.skipif(not _no_cuda(), reason="checks the CPU-only error path")
+def test_a_machine_problem_stops_main_before_anything_loads(cli, capsys, tmp_path):
+    code = cli.main(["--preset", "tiny", "--ddp_backend", "nccl", "--output_dir", str(tmp_path / "out"),
+                     "--cache_dir", str(tmp_path / "cache")])
+    assert code == 2
+    assert "opensloth train: error: --ddp_backend nccl needs CUDA GPUs" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_unreachable_model_and_dataset_are_clear_errors(cli, monkeypatch, tmp_path):
@@ -335,9 +358,9 @@ def test_hub_names_are_not_taken_for_files(cli, tmp_path, monkeypatch):
     from opensloth.config import looks_like_local_path
 
     monkeypatch.chdir(tmp_path)
-    for spec in ("trl-lib/Capybara", "HuggingFaceH4/ultrachat_200k", "hh_rlhf", "synthetic"):
+    for spec in ("trl-lib/Capybara", "HuggingFaceH4/ultrachat_200k", "imdb", "synthetic"):
         assert not looks_like_local_path(spec), spec
-        cli.parse_args(["--dataset", spec])  # no error: a hub or shared name
+        cli.parse_args(["--dataset", spec])  # no error: a hub name (checked when loaded) or the generated data
     (tmp_path / "mydata").mkdir()
     assert looks_like_local_path("mydata/missing")  # its first part is a local folder
 
@@ -521,3 +544,138 @@ def test_the_last_step_is_always_logged(cli):
         logged.append(control.should_log)
     # the step before the last closes the interval, so the last log holds the last step's loss alone
     assert [s for s, on in zip(range(1, 11), logged, strict=True) if on] == [9, 10]
+
+
+# ------------------------------------------------------------------------------------------------ issue 16: command
+
+
+def test_development_dataset_names_are_not_library_names(cli, capsys, tmp_path, monkeypatch):
+    """The repository's shared datasets are files for tests and benchmarks: the command says to pass the file."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("alpaca", "gsm8k", "hh_rlhf", "arena_hard"):
+        err = _error(cli, capsys, ["--dataset", name])
+        assert f"argument --dataset: {name!r} is one of the OpenSloth repository's development datasets" in err
+        assert "../shared/data/chat/alpaca_en_demo.jsonl" in err
+    (tmp_path / "gsm8k").mkdir()  # a local folder of that name is data like any other
+    cli.parse_args(["--dataset", "gsm8k"])
+
+
+def test_precompute_says_the_same_about_development_names(tmp_path, capsys):
+    from opensloth.cli import precompute
+
+    with pytest.raises(SystemExit, match="--data 'hh_rlhf': 'hh_rlhf' is one of the OpenSloth repository's "
+                                         "development datasets"):
+        precompute.main(["--data", "hh_rlhf", "--tokenizer", "unused", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--data 'gone.jsonl': file not found"):
+        precompute.main(["--data", "gone.jsonl", "--tokenizer", "unused", "--output_dir", str(tmp_path)])
+
+
+def test_wrapper_is_the_library_under_the_seed_name(cli, wrapper, capsys, tmp_path):
+    for name in ("parse_args", "RunError", "check_lora_targets", "load_records", "prepare_datasets", "SUMMARY_FILE",
+                 "_add_peft", "make_training_args", "run"):
+        assert getattr(wrapper, name) is getattr(cli, name), name
+    assert wrapper.main(["--preset", "tiny", "--print_config"]) == 0
+    assert capsys.readouterr().out.startswith("OpenSloth training configuration:")
+    with pytest.raises(SystemExit) as exc:
+        wrapper.main(["--grad_accum", "0"])
+    assert exc.value.code == 2 and "train_configurable.py: error: argument --grad_accum" in capsys.readouterr().err
+    if _no_cuda():  # a run that cannot start: one line naming the script, exit status 2
+        assert wrapper.main(["--preset", "tiny", "--backend", "unsloth", "--output_dir", str(tmp_path)]) == 2
+        assert capsys.readouterr().err.startswith("train_configurable.py: error: --backend unsloth")
+
+
+def _console_script(tmp_path: Path) -> Path:
+    """The `opensloth` executable pip makes from pyproject.toml's [project.scripts] entry (same template), in a
+    folder to put first on PATH, so the test runs this checkout's entry point."""
+    import re
+
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    scripts = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]  # the table, up to the next one
+    entry = re.search(r'^opensloth\s*=\s*"([^"]+)"', scripts, re.M).group(1)
+    module, func = entry.split(":")
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    exe = bindir / "opensloth"
+    exe.write_text(f"#!{sys.executable}\nimport sys\nfrom {module} import {func}\n"
+                   f"if __name__ == '__main__':\n    sys.exit({func}())\n")
+    exe.chmod(0o755)
+    return bindir
+
+
+def _cli_env(tmp_path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env["PATH"] = str(_console_script(tmp_path)) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.mark.parametrize("launcher", [["opensloth"], [sys.executable, "-m", "opensloth"]])
+def test_console_command_and_python_m(tmp_path, launcher):
+    env = _cli_env(tmp_path)
+
+    def run(*args):
+        return subprocess.run([*launcher, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    out = run("--help")
+    assert out.returncode == 0 and all(c in out.stdout for c in ("train", "precompute", "inspect"))
+    out = run("train", "--help")
+    assert out.returncode == 0 and out.stdout.startswith("usage: opensloth train") and "--preset" in out.stdout
+    code = ("import runpy, sys; sys.argv = ['opensloth', 'train', '--preset', 'tiny', '--print_config']\n"
+            "try:\n    runpy.run_module('opensloth', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\n"
+            "print('LOADED', sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') "
+            "if m in sys.modules))")
+    if launcher == ["opensloth"]:
+        out = run("train", "--preset", "tiny", "--grad_accum", "3", "--print_config")
+        assert out.returncode == 0 and "tiny_ws1" in out.stdout and "4 x 3 x 1 = 12" in out.stdout
+    else:  # printing the configuration imports none of the training stack (Unsloth must come first)
+        out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "LOADED []" in out.stdout and "OpenSloth training configuration:" in out.stdout
+    out = run("train", "--grad_accum", "0")
+    assert out.returncode == 2 and "opensloth train: error: argument --grad_accum" in out.stderr
+    out = run("fly")
+    assert out.returncode == 2 and "unknown command 'fly'; choose from train, precompute, inspect" in out.stderr
+    out = run("precompute", "--help")
+    assert out.returncode == 0 and "usage: opensloth precompute" in out.stdout and "--pack" in out.stdout
+
+
+def test_importing_the_command_package_stays_light():
+    code = ("import sys, opensloth, opensloth.cli, opensloth.cli.train, opensloth.cli.precompute, "
+            "opensloth.cli.inspect; print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets', "
+            "'unsloth') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_inspect_writes_the_pages_of_the_batches_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    import logging
+
+    from opensloth.cli import inspect
+
+    monkeypatch.chdir(tmp_path)
+    lg = logging.getLogger("opensloth")
+    saved = (lg.level, lg.propagate, list(lg.handlers), list(lg.filters))
+    try:
+        code = inspect.main(["--preset", "tiny", "--train_samples", "24", "--test_samples", "0", "--packing",
+                             "balanced", "--per_device_batch_size", "1", "--batches", "2", "--pages_dir", "pages",
+                             "--cache_dir", str(tmp_path / "cache")])
+    finally:
+        lg.setLevel(saved[0])
+        lg.propagate = saved[1]
+        lg.handlers[:] = saved[2]
+        lg.filters[:] = saved[3]
+    assert code == 0
+    pages = sorted(p.name for p in (tmp_path / "pages").iterdir())
+    assert pages == ["tiny_ws1_rank0_batch_000.html", "tiny_ws1_rank0_batch_001.html"]
+    html = (tmp_path / "pages" / pages[0]).read_text(encoding="utf-8")
+    assert "balanced sampler" in html  # the micro-batches in the order --packing balanced trains them
+    assert not (tmp_path / "outputs").exists()  # no output folder, no checkpoint, no training
+    assert "training..." not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        inspect.main(["--preset", "tiny", "--batches", "0"])
+    assert exc.value.code == 2 and "argument --batches: must be a positive number" in capsys.readouterr().err

@@ -65,4 +65,4 @@ def test_ddp_backend_flag(cli, monkeypatch):
     if not torch.cuda.is_available():
         config, _ = cli.parse_args(["--preset", "tiny", "--ddp_backend", "nccl"])
         with pytest.raises(cli.RunError, match="--ddp_backend nccl needs CUDA"):
-            cli.make_training_args(config, 2, "hf")
+            cli.check_machine(config, "hf")  # the machine checks, before the training arguments are built

@@ -8,8 +8,8 @@ Names resolve lazily on first use, so importing ``opensloth.data`` loads none of
   (``cache_dataset_wrapper``, ``simple_cache_dataset_wrapper``, ``load_prepared_dataset``).
 - ``opensloth.data.packed``: pack a tokenized dataset into rows of at most ``capacity`` tokens
   (``build_packed_dataset``).
-- ``opensloth.data.shared``: the shared chat datasets by name and reading chat-record files (``read_shared_chat``,
-  ``read_chat_records``).
+- ``opensloth.data.records``: read chat-record files (JSONL, a JSON list), each record named by file and line
+  (``read_chat_records``, ``ChatRecord``).
 """
 
 from __future__ import annotations
@@ -28,10 +28,7 @@ _EXPORTS = {
         "read_cache_metadata", "simple_cache_dataset_wrapper", "tokenizer_identity",
     ),
     "packed": ("PackingStats", "build_packed_dataset", "packing_stats"),
-    "shared": (
-        "SHARED_CHAT_FILES", "ChatRecord", "chat_template_token_ids", "read_chat_records", "read_shared_chat",
-        "shared_chat_paths", "shared_data_dir",
-    ),
+    "records": ("ChatRecord", "read_chat_records"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

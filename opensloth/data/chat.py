@@ -35,7 +35,7 @@ there a suffix of that text; the longest suffix that the whole conversation has 
 Bad records (no conversation field, an empty conversation, an unknown role, non-string content, malformed
 `tool_calls` or `tools`, no assistant turn when training assistant-only, a template that fails on the record or
 whose renderings cannot be aligned) raise `ChatFormatError` naming the record (`file:line` for records read by
-`opensloth.data.shared.read_chat_records`, else `record N` numbered from 1), or with `on_error="skip"` are dropped
+`opensloth.data.records.read_chat_records`, else `record N` numbered from 1), or with `on_error="skip"` are dropped
 and counted in the log. Records longer than `max_seq_length` are truncated (or dropped with `overflow="drop"`);
 either way they are counted and logged. A record left with no trained token (truncation cut every answer) is
 dropped and counted; when none is left, `NothingToTrainError` says why and what to change.
@@ -79,7 +79,7 @@ class NothingToTrainError(ValueError):
 
 
 def _record_name(index: int | None, record: Mapping | None) -> str:
-    source = getattr(record, "source", None)  # opensloth.data.shared.ChatRecord: "file:line"
+    source = getattr(record, "source", None)  # opensloth.data.records.ChatRecord: "file:line"
     if source:
         name = str(source)
     else:

@@ -1,8 +1,9 @@
 """Embedded offline defaults: a tiny model, the project's own tokenizer and a synthetic chat dataset.
 
-`--preset tiny` in `train_scripts/train_configurable.py` trains with them on a CPU in well under two minutes,
-with no network and no files outside the repository. Names are resolved on first access, so importing this package
-imports neither torch nor transformers (the training script imports Unsloth, when it uses it, before those).
+`opensloth train --preset tiny` (or `train_scripts/train_configurable.py --preset tiny`) trains with them on a CPU in
+well under two minutes, with no network and no files outside the repository. Names are resolved on first access, so
+importing this package imports neither torch nor transformers (the training command imports Unsloth, when it uses it,
+before those).
 
 - `get_preset("tiny")` -> `TinyPreset` (model shape, data sizes, training defaults)
 - `build_tiny_tokenizer(vocab_size)`, `tokenizer_fingerprint(tokenizer)` (opensloth.presets.tokenizer)
@@ -11,7 +12,7 @@ imports neither torch nor transformers (the training script imports Unsloth, whe
 - `synthetic_chat_records(n, seed, start=0)` (opensloth.presets.synthetic)
 
 `python -m opensloth.presets tiny DIR` writes the tiny model and tokenizer to DIR (a folder `from_pretrained`,
-`precompute_dataset.py --tokenizer` and `--model_name` accept).
+`opensloth precompute --tokenizer` and `--model_name` accept).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Seed-compatible import paths: `opensloth.utils.simple_cache_dataset_wrapper`, `cache_dataset_wrapper`.
 
 Names are resolved on first access (PEP 562), so `import opensloth.utils` imports nothing heavy; the
-implementations live in `opensloth.data.cache`. `opensloth.utils.packing` is a separate submodule.
+implementations live in `opensloth.data.cache`. The submodules `opensloth.utils.packing` (the seed's `pack`) and
+`opensloth.utils.dataset_cache` (the seed's cache module path, with `_check_distributed_environment`) are separate.
 """
 
 from __future__ import annotations
