@@ -10,7 +10,7 @@ Every logging step adds, averaged over the optimizer steps since the previous lo
 Work is `opensloth.sampler.WorkModel` (tokens plus an attention term). The figures come from the windows that
 ``get_batch_samples`` returns (the observer of `opensloth.patching.batch_samples`, installed by `attach`), gathered
 over ranks once per logging step (one small all-gather, on every rank, inside ``Trainer.log``, which every rank
-calls). The Trainer's own callbacks write them: TensorBoard on rank 0.
+calls). The Trainer's own callbacks write them: TensorBoard on rank 0. ``opensloth.metrics`` re-exports this module.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import torch
 from transformers import TrainerCallback
 
 from opensloth.patching.batch_samples import install_on_trainer
+from opensloth.patching.state import trainer_state
 
 __all__ = ["StepFiguresCallback", "attach_step_figures", "summarize"]
 
 PREFIX = "opensloth/"
-_MARK = "_opensloth_step_figures"
 
 
 def summarize(per_rank: torch.Tensor, num_steps: int) -> dict[str, float]:
@@ -69,8 +69,9 @@ class StepFiguresCallback(TrainerCallback):
 
     def attach(self, trainer: Any) -> StepFiguresCallback:
         """Add this callback to ``trainer``, observe its windows and merge the figures into its logs (idempotent)."""
-        if getattr(trainer, _MARK, None) is not None:
-            return getattr(trainer, _MARK)
+        state = trainer_state(trainer)
+        if state.step_figures is not None:
+            return state.step_figures
         self.trainer = trainer
         install_on_trainer(trainer, repack=False)
         trainer.add_callback(self)
@@ -85,7 +86,7 @@ class StepFiguresCallback(TrainerCallback):
             return original_log(logs, *args, **kwargs)
 
         trainer.log = types.MethodType(log, trainer)
-        setattr(trainer, _MARK, self)
+        state.step_figures = self
         return self
 
     # -- callback events ----------------------------------------------------------------------------------------
@@ -105,7 +106,8 @@ class StepFiguresCallback(TrainerCallback):
         if self._t_last is not None:
             self.seconds += now - self._t_last
         self._t_last = now
-        stats = getattr(self.trainer, "_opensloth_window_stats", None)
+        state = trainer_state(self.trainer, create=False)
+        stats = None if state is None else state.window_stats
         if stats is None or stats is self._last_stats:  # no window seen for this step (not observed)
             self.step_work.append(0.0)
             return
