@@ -17,10 +17,11 @@ writes into the system prompt is outlined too). The inline script recounts all o
 result into `#dom-counts` (hidden) and a one-line check against the batch into `#dom-check`, so a
 browser-rendered page can be checked against the batch. `raw=True` adds the batch summary as JSON.
 
-Sample boundaries come from, in order: per-row `seq_lengths`, `packed_seq_lengths`, `cu_seq_lens_q`/`cu_seq_lens_k`,
-then `position_ids` (via `opensloth.masks`); without any of them a row is one sample. Padding is
-`attention_mask == 0` when the batch has a mask; otherwise a row's last segment when it is all pad tokens with
-label -100 (the rows layout's trailing padding segment).
+Samples and padding are read with the batch contract's reader (`opensloth.batch.read_batch`, with the tokenizer's
+pad id): boundaries from a 2-D `attention_mask`, per-row `seq_lengths`, `packed_seq_lengths`,
+`cu_seq_lens_q`/`cu_seq_lens_k`, `opensloth_cu_seqlens` or `position_ids`, padding from the collator's record, the
+mask or the contract's padding rule. A batch whose keys contradict each other is shown from its `position_ids` (or
+as one sample per row), with the reason on the page and in the log.
 """
 
 from __future__ import annotations
@@ -34,9 +35,18 @@ from typing import Any
 
 import numpy as np
 
+from opensloth.batch import (
+    ATTENTION_MASK,
+    IGNORE_INDEX,
+    INPUT_IDS,
+    LABELS,
+    POSITION_IDS,
+    BatchFormatError,
+    BatchSegments,
+    read_batch,
+)
 from opensloth.distributed import logger
 
-IGNORE_INDEX = -100
 # (css class, opening marker, closing marker): a region from an opening marker through its closing marker (or the end
 # of the sample) is a tool call ("tc") or a tool result ("tres").
 TOOL_MARKERS: tuple[tuple[str, str, str], ...] = (
@@ -133,63 +143,18 @@ def _as_rows(arr: np.ndarray) -> np.ndarray:
     return arr[None, :] if arr.ndim == 1 else arr
 
 
-def _split_flat_lengths(lengths: np.ndarray, n_rows: int, width: int) -> list[np.ndarray] | None:
-    """Split concatenated per-sample lengths into rows of `width` tokens (None when they don't tile the batch)."""
-    lengths = lengths.astype(np.int64).ravel()
-    if lengths.sum() != n_rows * width:
-        return None
-    out, cur, acc = [], [], 0
-    for n in lengths:
-        cur.append(int(n))
-        acc += int(n)
-        if acc == width:
-            out.append(np.asarray(cur, dtype=np.int64))
-            cur, acc = [], 0
-        elif acc > width:
-            return None
-    return out if len(out) == n_rows else None
-
-
-def _row_lengths(batch: dict, n_rows: int, width: int) -> tuple[list[np.ndarray] | None, str]:
-    """Per-row segment lengths and the key they came from."""
-    seq = batch.get("seq_lengths")
-    if seq is not None:
-        if isinstance(seq, (list, tuple)) and len(seq) == n_rows and all(
-            np.ndim(_to_numpy(s)) == 1 for s in seq
-        ):
-            rows = [_to_numpy(s).astype(np.int64) for s in seq]
-        else:
-            arr = _to_numpy(seq)
-            rows = None
-            if arr is not None and arr.ndim == 2 and arr.shape[0] == n_rows:
-                rows = [r[r > 0].astype(np.int64) for r in arr]  # zero-padded (B, S)
-            elif arr is not None and arr.ndim == 1:
-                rows = _split_flat_lengths(arr, n_rows, width)
-        if rows is not None and all(int(r.sum()) <= width for r in rows):
-            return rows, "seq_lengths"
-    for key in ("packed_seq_lengths",):
-        arr = _to_numpy(batch.get(key))
-        if arr is not None:
-            rows = _split_flat_lengths(arr, n_rows, width)
-            if rows is not None:
-                return rows, key
-    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
-        arr = _to_numpy(batch.get(key))
-        if arr is not None and arr.ndim == 1 and len(arr) >= 2:
-            rows = _split_flat_lengths(np.diff(arr.astype(np.int64)), n_rows, width)
-            if rows is not None:
-                return rows, key
-    pos = _to_numpy(batch.get("position_ids"))
-    if pos is not None:
-        try:
-            from opensloth.masks import lengths_from_position_ids
-        except ImportError as exc:  # pragma: no cover - masks is part of the package
-            logger.warning("position_ids present but opensloth.masks is unavailable (%s); no sample boundaries", exc)
-            return None, "none"
-        pos = _as_rows(pos)
-        if pos.shape == (n_rows, width):
-            return [np.asarray(lengths_from_position_ids(row), dtype=np.int64) for row in pos], "position_ids"
-    return None, "none"
+def _read_segments(batch: dict, pad_id: int | None) -> tuple[BatchSegments | None, str | None]:
+    """The batch's segments by the contract's reader; if its keys contradict each other, from the position ids and
+    mask alone (or nothing), with the reason."""
+    try:
+        return read_batch(batch, pad_token_id=pad_id), None
+    except BatchFormatError as exc:
+        reason = str(exc)
+    fallback = {k: batch[k] for k in (INPUT_IDS, LABELS, POSITION_IDS, ATTENTION_MASK) if batch.get(k) is not None}
+    try:
+        return read_batch(fallback, pad_token_id=pad_id), reason
+    except BatchFormatError:
+        return None, reason
 
 
 _CONTEXT = 6  # tokens of left context when decoding one token (covers a 4-byte character split over 4 tokens)
@@ -382,36 +347,23 @@ def render_batch_html(
     labels = ids.copy() if labels is None else _as_rows(labels).astype(np.int64)
     if labels.shape != ids.shape:
         raise ValueError(f"labels shape {labels.shape} differs from input_ids shape {ids.shape}")
-    row_lengths, source = _row_lengths(batch, n_rows, width)
-    attn = _to_numpy(batch.get("attention_mask"))
-    if attn is not None:
-        attn = _as_rows(attn)
-        if row_lengths is None:
-            source = "attention_mask"
     pad_id = getattr(tokenizer, "pad_token_id", None)
-    full_lengths = []
-    for r in range(n_rows):
-        lengths = row_lengths[r] if row_lengths is not None else None
-        if lengths is not None and int(lengths.sum()) < width:  # lengths cover real tokens only: rest is padding
-            lengths = np.append(lengths, width - int(lengths.sum()))
-        full_lengths.append(lengths)
+    read, problem = _read_segments(batch, pad_id)
+    if problem is not None:
+        logger.warning("%s: the batch's boundary keys contradict each other (%s); showing %s", title, problem,
+                       "the boundaries of its position_ids" if read is not None else "one sample per row")
+        note = (note + " " if note else "") + f"Boundary keys ignored: {problem}."
+    if read is not None and (read.segments.n_rows, read.segments.width) != (n_rows, width):
+        read = None
+    source = read.source if read is not None else "none"
+    pads = read.pad_mask() if read is not None else np.zeros((n_rows, width), dtype=bool)
+    whole_rows = [(np.asarray([width], dtype=np.int64), None)] * n_rows  # no boundaries: a row is one sample
+    row_segments = read.row_segments() if read is not None else whole_rows
     special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     rows_html, row_stats = [], []
     for r in range(n_rows):
-        lengths = full_lengths[r]
-        if attn is not None and attn.shape == ids.shape:
-            pad = attn[r] == 0
-        else:
-            pad = np.zeros(width, dtype=bool)
-            if lengths is not None and len(lengths) > 1 and pad_id is not None:
-                tail = slice(width - int(lengths[-1]), width)
-                if (ids[r, tail] == pad_id).all() and (labels[r, tail] == IGNORE_INDEX).all():
-                    pad[tail] = True
-        if lengths is None and pad.any():  # no boundaries given: real tokens and padding as separate runs
-            change = np.flatnonzero(np.diff(pad.astype(np.int8))) + 1
-            lengths = np.diff(np.concatenate([[0], change, [width]])).astype(np.int64)
-        h, st = _render_row(r, ids[r], labels[r], pad, lengths, special_ids, tokenizer, max_tokens_per_row,
-                            tool_markers)
+        h, st = _render_row(r, ids[r], labels[r], pads[r], row_segments[r][0], special_ids, tokenizer,
+                            max_tokens_per_row, tool_markers)
         rows_html.append(h)
         row_stats.append(st)
     totals = {k: sum(s[k] for s in row_stats)
@@ -490,7 +442,8 @@ def debug_chat_dataloader_for_training(
         if k >= n_example:
             break
         title = f"{name} batch {k}" if rank is None else f"{name} rank {rank} batch {k}"
-        page, summary = render_batch_html(dict(batch), tokenizer, title=title, max_tokens_per_row=max_tokens_per_row,
+        batch = batch if isinstance(batch, dict) else dict(batch)  # a PackedBatch keeps its record of the padding
+        page, summary = render_batch_html(batch, tokenizer, title=title, max_tokens_per_row=max_tokens_per_row,
                                           tool_markers=tool_markers, note=note, raw=raw)
         path = out / f"{stem}_batch_{k:03d}.html"
         path.write_text(page, encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Batch assembly for HF/TRL Trainers: packed rows or unpacked samples -> the packed batch format.
+"""Batch assembly for HF/TRL Trainers: packed rows or unpacked samples -> a batch of the contract in `opensloth.batch`.
 
 Input: a list of features (dicts). Each has ``input_ids`` (list, numpy array or 1-D tensor of ints) and optionally
 ``labels`` (same length, -100 = not trained; when absent, ``assistant_masks`` or ``completion_mask`` select the
@@ -6,79 +6,58 @@ trained tokens, else every token is trained) and ``seq_lengths`` (the per-sample
 ``opensloth.data.packed``, summing to the row's length; when absent the feature is one sample). Other keys are
 ignored. Labels are raw: the collator masks sample boundaries itself.
 
-Output (``layout="flat"``, padding-free, batch dim 1; the default)::
+Output: a `opensloth.batch.PackedBatch` (a dict; its ``segments`` attribute records which segments are padding).
+The keys, their shapes and dtypes and the metadata presets are the contract's (`opensloth.batch`):
 
-    input_ids     (1, T) int64   every sample end to end (T rounded up to pad_to_multiple_of, tail = padding)
-    labels        (1, T) int64   first token of every sample and padding -> -100
-    position_ids  (1, T) int64   restart at 0 for every sample (and for the padding tail)
-    + metadata (below)
+- ``layout="flat"`` (padding-free, batch dim 1; the default): (1, T), every sample end to end in input order (T
+  rounded up to ``pad_to_multiple_of``, the tail a padding segment).
+- ``layout="rows"``: (P, capacity) tensors for static shapes: one row per feature, or, with ``pack=True`` (or an
+  explicit ``rows=`` assignment), the samples of all features repacked into rows with
+  :func:`opensloth.packing.pack_lengths`. Each row's trailing padding is a segment of its own (label -100, positions
+  0, 1, 2, ...), so no real token attends to it.
+- ``layout="padded"``: one row per *sample* (the samples of packed rows split by ``seq_lengths``), right-padded to
+  the longest sample (rounded up to ``pad_to_multiple_of``), with a 2-D ``attention_mask`` (1 = real token) and
+  positions 0 .. L-1 in every row: the plain padded batch that every model and attention backend handles, and the
+  fallback where a model cannot keep packed samples apart (`opensloth.wiring`). The samples of a step stay the
+  same, so the loss is the same as packed; only the padding costs more.
 
-``layout="rows"`` gives (P, capacity) tensors for static shapes: one row per feature, or, with ``pack=True`` (or
-an explicit ``rows=`` assignment), the samples of all features repacked into rows with
-:func:`opensloth.packing.pack_lengths`. Each row's trailing padding is a segment of its own (label -100, positions
-0, 1, 2, ...), so no real token attends to it.
+Metadata (``metadata=``; default ``DEFAULT_METADATA``, ``PADDED_METADATA`` for ``layout="padded"``): the names of
+`opensloth.batch.METADATA_KEYS`, written by `opensloth.batch.metadata_tensors`. ``"use_cache"`` matters for the
+position_ids-only path: transformers 5.x builds the block-causal mask from ``position_ids`` only when
+``attention_mask`` is None *and* there is no KV cache, and Qwen3/Llama create a ``DynamicCache`` whenever
+``use_cache`` is true (the config default), in training too; TRL's SFTTrainer sets it itself, a plain ``Trainer``
+does not. ``"opensloth_varlen"`` (``UNSLOTH_VARLEN_METADATA``, with ``max_seqlen``) is the legacy Unsloth-Qwen3 route
+of `opensloth.patching.unsloth_attention`; ``opensloth_max_seqlen`` is a constant bound (the row width for
+``layout="rows"``, ``max_seqlen=`` when given, else the longest segment) so that torch.compile does not recompile.
 
-``layout="padded"`` gives one row per *sample* (the samples of packed rows split by ``seq_lengths``), right-padded
-to the longest sample (rounded up to ``pad_to_multiple_of``), with a 2-D ``attention_mask`` (1 = real token) and
-positions 0 .. L-1 in every row: the plain padded batch that every model and attention backend handles, and the
-fallback where a model cannot keep packed samples apart (`opensloth.wiring`). The samples of a step stay the same,
-so the loss is the same as packed; only the padding costs more.
-
-Metadata keys (``metadata=``; default ``DEFAULT_METADATA``, ``PADDED_METADATA`` for ``layout="padded"``):
-
-- ``"packed_seq_lengths"``: int32 CPU (S,), every segment of the flattened batch (padding segments included, so
-  the sum is ``input_ids.numel()``; without padding these are exactly the sample lengths). Unsloth's key.
-- ``"cu_seq_lens"``: ``cu_seq_lens_q``/``cu_seq_lens_k`` int32 CPU (S + 1,) and ``max_length_q``/``max_length_k``
-  (int) over the same segments: transformers' flash-attention varlen path uses them (flattening the batch).
-- ``"seq_idx"``: int32 (P, L) segment index per token (Mamba-style kernels).
-- ``"attention_mask"``: the dense (P, 1, L, L) block-causal mask (``mask_dtype``: bool for sdpa, a float dtype for
-  eager). Built only when asked: O(L^2) memory and time.
-- ``"opensloth_varlen"``: ``opensloth_cu_seqlens`` int32 CPU (S + 1,) over the same segments (every row's padding
-  tail is a segment of its own) and ``opensloth_max_seqlen`` (int): the keys that
-  `opensloth.patching.unsloth_attention` routes to FlashAttention-2 varlen inside Unsloth's attention. Use it with
-  ``("opensloth_varlen", "use_cache")`` and nothing else for Unsloth (``UNSLOTH_VARLEN_METADATA``):
-  ``packed_seq_lengths`` would switch off Unsloth's compiled blocks and, with more than one row, build a
-  (P * L)^2 mask; ``cu_seq_lens_*``/``max_length_*`` are ignored by Unsloth and their changing ints recompile
-  compiled blocks. ``opensloth_max_seqlen`` is a constant bound, not the batch's longest segment: the row width
-  for ``layout="rows"``, ``max_seqlen=`` when given (e.g. ``max_seq_length`` for the flat layout), else the
-  longest segment. A constant keeps torch.compile from recompiling; FlashAttention only sizes its grid with it.
-- ``"use_cache"``: ``use_cache=False``. Needed for the position_ids-only path: transformers 5.x builds the
-  block-causal mask from ``position_ids`` only when ``attention_mask`` is None *and* there is no KV cache, and
-  Qwen3/Llama create a ``DynamicCache`` whenever ``use_cache`` is true (the config default), in training too. Without
-  it, ``model(**batch)`` silently lets packed samples attend to each other. TRL's SFTTrainer sets it itself; a
-  plain ``Trainer`` does not.
-
-With transformers 5.17, Qwen3 and Llama under ``attn_implementation="sdpa"`` or ``"eager"`` take every default key
-through ``**kwargs`` and ignore what they do not use (tests/test_packed_equivalence.py checks logits and loss).
 Which layout: flash-attention (``cu_seq_lens``) and Unsloth (``packed_seq_lengths``) read the metadata and build no
 mask, so ``layout="flat"`` costs nothing quadratic. transformers' sdpa/eager paths instead materialise a dense
-(B, 1, T, T) mask from ``position_ids`` in every forward: for the flat layout that is (P * L)^2 elements (1 GiB of
-bool for 8 x 4096 tokens) against P * L^2 for ``layout="rows"``, so prefer rows there.
+(B, 1, T, T) mask from ``position_ids`` in every forward: for the flat layout that is (P * L)^2 elements against
+P * L^2 for ``layout="rows"``, so prefer rows there. With transformers 5.17, Qwen3 and Llama under
+``attn_implementation="sdpa"`` or ``"eager"`` take every default key through ``**kwargs`` and ignore what they do not
+use (tests/test_packed_equivalence.py checks logits and loss).
 
 What Unsloth expects (unsloth/utils/packing.py, models/llama.py): ``packed_seq_lengths`` as an int32 tensor in the
-forward kwargs. Its attention turns it into cu_seqlens/max_seqlen with one host read per batch (cached per device)
-and runs flash-attention varlen, an xFormers block-diagonal causal mask, or per-segment SDPA; RoPE reads
-``position_ids``; its loss masks ``labels`` again at ``cumsum(packed_seq_lengths)`` (the first token of every
-following segment: the same tokens we mask, so it is idempotent); it also lifts the ``max_seq_length`` check when
-the key is present. Unsloth treats the batch as ONE flattened sequence (it covers a padding tail after the last
-segment itself) and its xFormers/SDPA packed paths assume batch size 1, so use ``layout="flat"`` with Unsloth.
-Without the key it infers boundaries from ``position_ids`` only for batch size 1 with no attention_mask. Its
-``enable_sample_packing`` wraps only collators that have ``torch_call`` (TRL's), so it leaves this one alone.
+forward kwargs (`opensloth.batch.UNSLOTH_METADATA`). Its attention turns it into cu_seqlens/max_seqlen and runs
+flash-attention varlen, an xFormers block-diagonal causal mask, or per-segment SDPA; RoPE reads ``position_ids``;
+its loss masks ``labels`` again at ``cumsum(packed_seq_lengths)`` (the same tokens we mask, so it is idempotent).
+Unsloth treats the batch as ONE flattened sequence and its xFormers/SDPA packed paths assume batch size 1, so use
+``layout="flat"`` with Unsloth. Its ``enable_sample_packing`` wraps only collators that have ``torch_call`` (TRL's),
+so it leaves this one alone.
 
 HF ``Trainer(remove_unused_columns=True)`` drops dataset columns that the model's ``forward`` does not name, and
 ``seq_lengths`` is one of them: set ``remove_unused_columns=False`` (TRL's SFTTrainer keeps ``seq_lengths``) or a
 packed row arrives as one long sample. ``require_seq_lengths=True`` turns that into an error.
 
-Speed: one pass over the features (a numpy view of each), one concatenation, index arithmetic in numpy, no work
-per sample or per token in Python. Features that are numpy arrays or tensors (``dataset.with_format("numpy")``) are
-fastest (medians 0.34 ms flat and 0.47 ms rows for 8 x 4096 tokens in benchmarks/results/collate.md, TRL's
-padding-free collator 14-16 ms in the same run); Python lists cost a list -> array conversion of every column
-(1.9-2.5 ms there).
+Speed: one pass over the features (a numpy view of each), one concatenation, index arithmetic in numpy, no work per
+sample or per token in Python. Features that are numpy arrays or tensors (``dataset.with_format("numpy")``) are
+fastest; Python lists cost a list -> array conversion of every column. Measured against TRL's collators in
+benchmarks/results/collate.md.
 
 Function-level API for code that rebuilds batches (the trainer integration)::
 
-    collate_samples(features, layout="flat" | "rows", capacity=None, pack=False, rows=None, pad_token_id=0,
-                    pad_to_multiple_of=None, metadata=None, mask_dtype=torch.bool,
+    collate_samples(features, layout="flat" | "rows" | "padded", capacity=None, pack=False, rows=None,
+                    pad_token_id=0, pad_to_multiple_of=None, metadata=None, mask_dtype=torch.bool,
                     ignore_index=-100, seq_lengths_key="seq_lengths", require_seq_lengths=False, backend=None,
                     max_seqlen=None)
 
@@ -96,8 +75,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from opensloth.masks import Segments, _int_array, block_causal_mask, segments_from_csr
+from opensloth.batch import (
+    ATTENTION_MASK,
+    DEFAULT_METADATA,
+    INPUT_IDS,
+    LABELS,
+    LAYOUTS,
+    METADATA_KEYS,
+    PADDED_METADATA,
+    POSITION_IDS,
+    UNSLOTH_VARLEN_METADATA,
+    VARLEN_CU_SEQLENS_KEY,
+    VARLEN_MAX_SEQLEN_KEY,
+    PackedBatch,
+    check_metadata,
+    metadata_tensors,
+)
+from opensloth.masks import Segments, _int_array, segments_from_csr
 
+# The contract's names are re-exported here: tests, scripts and users import them from opensloth.collate.
 __all__ = [
     "DEFAULT_METADATA",
     "LAYOUTS",
@@ -106,18 +102,10 @@ __all__ = [
     "UNSLOTH_VARLEN_METADATA",
     "VARLEN_CU_SEQLENS_KEY",
     "VARLEN_MAX_SEQLEN_KEY",
+    "PackedBatch",
     "PackedDataCollator",
     "collate_samples",
 ]
-
-LAYOUTS = ("flat", "rows", "padded")
-METADATA_KEYS = ("packed_seq_lengths", "cu_seq_lens", "seq_idx", "attention_mask", "use_cache", "opensloth_varlen")
-DEFAULT_METADATA = ("packed_seq_lengths", "cu_seq_lens", "use_cache")
-PADDED_METADATA = ("use_cache",)  # the default of layout="padded": one sample per row needs no packing metadata
-UNSLOTH_VARLEN_METADATA = ("opensloth_varlen", "use_cache")
-VARLEN_CU_SEQLENS_KEY = "opensloth_cu_seqlens"
-VARLEN_MAX_SEQLEN_KEY = "opensloth_max_seqlen"
-_INT32_MAX = np.iinfo(np.int32).max
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -327,49 +315,6 @@ def _assemble(
     return grid_ids, grid_labels, seg
 
 
-def _metadata_tensors(seg: Segments, metadata: Sequence[str], mask_dtype: torch.dtype, layout: str = "flat",
-                      max_seqlen: int | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    shape = (seg.n_rows, seg.width)
-    if "packed_seq_lengths" in metadata or "cu_seq_lens" in metadata or "opensloth_varlen" in metadata:
-        if seg.total > _INT32_MAX:
-            raise ValueError(f"the batch has {seg.total} tokens, more than int32 metadata can index ({_INT32_MAX})")
-        lengths32 = seg.lengths.astype(np.int32)
-        if "packed_seq_lengths" in metadata:
-            out["packed_seq_lengths"] = torch.from_numpy(lengths32)
-        cu_t = None
-        if "cu_seq_lens" in metadata or "opensloth_varlen" in metadata:
-            cu = np.zeros(lengths32.shape[0] + 1, dtype=np.int32)
-            np.cumsum(lengths32, out=cu[1:])
-            cu_t = torch.from_numpy(cu)
-        longest = int(lengths32.max())
-        if "cu_seq_lens" in metadata:
-            out["cu_seq_lens_q"] = cu_t
-            out["cu_seq_lens_k"] = cu_t
-            out["max_length_q"] = longest
-            out["max_length_k"] = longest
-        if "opensloth_varlen" in metadata:
-            bound = max_seqlen if max_seqlen is not None else seg.width if layout == "rows" else longest
-            if longest > bound:
-                pad_note = " (a row's padding tail is a segment too; leave max_seqlen None for rows)" \
-                    if layout == "rows" else ""
-                raise ValueError(
-                    f"a segment of {longest} tokens is longer than max_seqlen = {bound}{pad_note}; FlashAttention "
-                    f"would leave its tail uncomputed. Raise max_seqlen to at least {longest} (max_seq_length is the "
-                    "usual bound)"
-                )
-            # A separate tensor from cu_seq_lens_q: the trainer moves each key to the GPU on its own.
-            out[VARLEN_CU_SEQLENS_KEY] = cu_t.clone() if "cu_seq_lens" in metadata else cu_t
-            out[VARLEN_MAX_SEQLEN_KEY] = int(bound)
-    if "seq_idx" in metadata:
-        out["seq_idx"] = torch.from_numpy(seg.segment_ids(per_row=True).astype(np.int32)).reshape(shape)
-    if "attention_mask" in metadata:
-        out["attention_mask"] = block_causal_mask(seg, dtype=mask_dtype)
-    if "use_cache" in metadata:
-        out["use_cache"] = False
-    return out
-
-
 def _check_options(layout: str, capacity: Any, pack: bool, rows: Any, pad_to_multiple_of: Any,
                    metadata: Sequence[str], mask_dtype: Any,
                    max_seqlen: Any = None) -> tuple[int | None, int | None, tuple[str, ...]]:
@@ -389,24 +334,9 @@ def _check_options(layout: str, capacity: Any, pack: bool, rows: Any, pad_to_mul
         raise ValueError("pass either pack=True (pack_lengths chooses the rows) or rows= (explicit rows), not both")
     if pack and capacity is None:
         raise ValueError("pack=True needs capacity (the row width to pack samples into)")
-    if metadata is None:
-        metadata = PADDED_METADATA if layout == "padded" else DEFAULT_METADATA
-    if isinstance(metadata, str):
-        metadata = (metadata,)
-    metadata = tuple(metadata)
-    unknown = sorted(set(metadata) - set(METADATA_KEYS))
-    if unknown:
-        raise ValueError(f"unknown metadata keys {unknown}; choose from {METADATA_KEYS}")
+    metadata = check_metadata(metadata, layout, max_seqlen)
     if not isinstance(mask_dtype, torch.dtype) or not (mask_dtype == torch.bool or mask_dtype.is_floating_point):
         raise TypeError(f"mask_dtype must be torch.bool or a floating torch dtype, got {mask_dtype!r}")
-    if layout == "padded":
-        varlen = sorted(set(metadata) - {"use_cache"})
-        if varlen:
-            raise ValueError(f"layout='padded' puts one sample in each row and carries its own 2-D attention_mask; "
-                             f"the packing metadata {varlen} does not apply: use metadata=('use_cache',)")
-    if max_seqlen is not None and "opensloth_varlen" not in metadata:
-        raise ValueError(f"max_seqlen = {max_seqlen} is the bound reported as {VARLEN_MAX_SEQLEN_KEY}; add "
-                         f"'opensloth_varlen' to metadata, or leave max_seqlen None")
     return (None if capacity is None else int(capacity),
             None if pad_to_multiple_of is None else int(pad_to_multiple_of), metadata)
 
@@ -479,12 +409,12 @@ def _collate(features, layout, capacity, pack, rows, pad_token_id, pad_to_multip
     grid_ids, grid_labels, seg = _assemble(g.ids, g.labels, g.sample_lengths, order, row_ptr, width,
                                            pad_token_id=pad_token_id, ignore_index=ignore_index)
     shape = (seg.n_rows, seg.width)
-    batch: dict[str, Any] = {
-        "input_ids": torch.from_numpy(grid_ids).reshape(shape),
-        "labels": torch.from_numpy(grid_labels).reshape(shape),
-        "position_ids": torch.from_numpy(seg.positions()).reshape(shape),
-    }
-    batch.update(_metadata_tensors(seg, metadata, mask_dtype, layout, max_seqlen))
+    batch = PackedBatch({
+        INPUT_IDS: torch.from_numpy(grid_ids).reshape(shape),
+        LABELS: torch.from_numpy(grid_labels).reshape(shape),
+        POSITION_IDS: torch.from_numpy(seg.positions()).reshape(shape),
+    }, segments=seg)
+    batch.update(metadata_tensors(seg, metadata, mask_dtype=mask_dtype, layout=layout, max_seqlen=max_seqlen))
     return batch
 
 
@@ -493,19 +423,18 @@ def _collate_padded(g: _Gathered, pad_token_id: int, pad_to_multiple_of: int | N
     n_samples = g.sample_lengths.shape[0]
     width = _round_up(int(g.sample_lengths.max()), pad_to_multiple_of)
     row_ptr = np.arange(n_samples + 1, dtype=np.int64)
-    grid_ids, grid_labels, _ = _assemble(g.ids, g.labels, g.sample_lengths, None, row_ptr, width,
-                                         pad_token_id=pad_token_id, ignore_index=ignore_index)
+    grid_ids, grid_labels, seg = _assemble(g.ids, g.labels, g.sample_lengths, None, row_ptr, width,
+                                           pad_token_id=pad_token_id, ignore_index=ignore_index)
     shape = (n_samples, width)
     real = np.arange(width, dtype=np.int64)[None, :] < g.sample_lengths[:, None]
-    batch: dict[str, Any] = {
-        "input_ids": torch.from_numpy(grid_ids).reshape(shape),
-        "labels": torch.from_numpy(grid_labels).reshape(shape),
-        "attention_mask": torch.from_numpy(real.astype(np.int64)),
+    batch = PackedBatch({
+        INPUT_IDS: torch.from_numpy(grid_ids).reshape(shape),
+        LABELS: torch.from_numpy(grid_labels).reshape(shape),
+        ATTENTION_MASK: torch.from_numpy(real.astype(np.int64)),
         # Positions run on through the padding, so nothing reads the row as several packed sequences.
-        "position_ids": torch.arange(width, dtype=torch.int64).expand(shape).contiguous(),
-    }
-    if "use_cache" in metadata:
-        batch["use_cache"] = False
+        POSITION_IDS: torch.arange(width, dtype=torch.int64).expand(shape).contiguous(),
+    }, segments=seg)
+    batch.update(metadata_tensors(seg, metadata))  # use_cache only (check_metadata allows nothing else here)
     return batch
 
 
@@ -514,10 +443,9 @@ class PackedDataCollator:
     """Callable collator for HF/TRL Trainers: ``PackedDataCollator(pad_token_id=tok.pad_token_id)(features)``.
 
     The options are those of :func:`collate_samples` (checked once, here). ``layout="flat"`` (default) suits
-    flash-attention, Unsloth and transformers' position_ids path; ``layout="rows"`` with a fixed ``capacity`` gives
-    static shapes (torch.compile, dense or flex masks). For Unsloth with
-    `opensloth.patching.unsloth_attention`: ``layout="rows", capacity=max_seq_length,
-    metadata=UNSLOTH_VARLEN_METADATA`` (static shapes, FlashAttention-2 varlen inside compiled blocks).
+    flash-attention, Unsloth (with ``metadata=UNSLOTH_METADATA``) and transformers' position_ids path;
+    ``layout="rows"`` with a fixed ``capacity`` gives static shapes (torch.compile, dense or flex masks).
+    `opensloth.wiring.wire_batches` picks the options for a training run.
     """
 
     pad_token_id: int = 0

@@ -15,7 +15,8 @@ softmax row would otherwise give NaN (or 0) in some kernels, and NaN outputs lea
 Metadata is built on the CPU with numpy in O(tokens); the dense (P, 1, L, L) mask and the FlexAttention
 ``BlockMask`` are built only when asked for (backends that need them, and test oracles).
 
-Conventions (the batch format contract):
+Conventions (the metadata side of the batch contract; the keys, presets and the reader of a collated batch are in
+`opensloth.batch`):
 
 - ``position_ids`` (int64) restart at 0 for every sample and for every padding segment;
 - ``cu_seq_lens`` (int32, CPU, S + 1 entries) and the segment lengths cover the whole flattened batch, padding

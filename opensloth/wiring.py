@@ -6,9 +6,9 @@ collator for a training run.
 - ``packing="none"``: TRL's padded collator (one sample per row, padded to the micro-batch's longest).
 - Unsloth (``backend="unsloth"``), every other mode: Unsloth's own packed protocol, the one its attention reads for
   every architecture it supports: one flat (1, T) row per micro-batch with ``position_ids`` restarting per sample
-  and ``packed_seq_lengths`` (`opensloth.collate` ``layout="flat"``, `UNSLOTH_METADATA`). On torch < 2.12 Unsloth's
-  own FlashAttention-2 varlen branch is switched on (`opensloth.patching.unsloth_varlen`), so attention is one
-  varlen call per layer there too, as on the torch that ``pip install unsloth`` brings.
+  and ``packed_seq_lengths`` (`opensloth.collate` ``layout="flat"``, `UNSLOTH_METADATA` of `opensloth.batch`). On
+  torch < 2.12 Unsloth's own FlashAttention-2 varlen branch is switched on (`opensloth.patching.unsloth_varlen`),
+  so attention is one varlen call per layer there too, as on the torch that ``pip install unsloth`` brings.
 - transformers + peft (``backend="hf"``): the flat layout for padding-free samples and one-row micro-batches, else
   fixed-capacity rows (transformers builds the block-causal mask from ``position_ids``: per row, not over the whole
   micro-batch).
@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from opensloth.attention_check import PackedAttentionCheck, check_packed_attention
+from opensloth.batch import INPUT_IDS, LABELS, PACKED_SEQ_LENGTHS, POSITION_IDS, UNSLOTH_METADATA
 from opensloth.distributed import logger
 
 __all__ = ["PACKING_MODES", "UNSLOTH_METADATA", "BatchWiring", "PackedBatchError", "wire_batches"]
 
 PACKING_MODES = ("none", "padding_free", "packed", "balanced")
-UNSLOTH_METADATA = ("packed_seq_lengths", "use_cache")
 _HOOK_ATTR = "_opensloth_batch_keys_hook"
 
 
@@ -88,9 +88,9 @@ def _watch_batch_keys(model: Any, required: tuple[str, ...]) -> None:
         previous.remove()
 
     def pre_hook(module, args, kwargs):
-        if kwargs.get("labels") is None:
+        if kwargs.get(LABELS) is None:
             return None
-        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = kwargs.get(INPUT_IDS, args[0] if args else None)
         if getattr(ids, "dim", lambda: 0)() != 2 or ids.shape[0] != 1:
             return None
         missing = [key for key in required if kwargs.get(key) is None]
@@ -161,6 +161,6 @@ def wire_batches(model: Any, *, backend: str, packing: str, max_seq_length: int,
     if result is not None:
         logger.info("packed attention of %s: %s", _model_name(model), result.describe())
     if layout == "flat":
-        required = ("position_ids",) + (("packed_seq_lengths",) if backend == "unsloth" else ())
+        required = (POSITION_IDS,) + ((PACKED_SEQ_LENGTHS,) if backend == "unsloth" else ())
         _watch_batch_keys(model, required)
     return BatchWiring(collator, layout, result, varlen)

@@ -17,6 +17,7 @@ import torch
 from opensloth.distributed import DistributedEnvironmentError
 from opensloth.patching import batch_samples as bs
 from opensloth.patching import ddp_patch as dp
+from opensloth.patching.state import trainer_state
 
 ROOT = Path(__file__).resolve().parents[1]
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -220,7 +221,7 @@ def _trainer(tmp_path):
 def _assert_recut(trainer):
     fn = trainer.get_batch_samples
     assert getattr(fn.__func__, bs._MARK, False)
-    stats = trainer._opensloth_window_stats
+    stats = trainer_state(trainer).window_stats
     assert stats.layout == "padded" and stats.changed
     assert (stats.slots_before, stats.slots) == (80 + 76, 80 + 8)  # [40,3][4,38] -> [40,38][4,3]
 
@@ -293,7 +294,7 @@ def test_sft_trainer_padding_free_windows(fresh, tmp_path, shared_data, monkeypa
     for hook in list(fresh._opensloth_pre_train_hooks):
         hook(trainer)  # what Trainer.train runs first
     out, count = trainer.get_batch_samples(iter(batches), 3, torch.device("cpu"))
-    stats = trainer._opensloth_window_stats
+    stats = trainer_state(trainer).window_stats
     assert stats.layout == "flat" and stats.changed, stats.reason
     assert int(count) == int(plain_count) == int(trainer._get_num_items_in_batch(out, torch.device("cpu")))
     tokens = sorted(t for b in out for t in b["input_ids"][0].tolist())

@@ -375,3 +375,35 @@ def test_pages_carry_the_rank(samples, qwen3_tokenizer, tmp_path, monkeypatch):
     assert [p.rsplit("/", 1)[-1] for p in auto] == ["b_rank1_batch_000.html"]
     with pytest.raises(ValueError, match="rank=-1"):
         debug_chat_dataloader_for_training([batch], qwen3_tokenizer, 1, out_dir=tmp_path, rank=-1)
+
+
+def test_contradicting_boundary_keys_are_named_and_position_ids_shown(samples, qwen3_tokenizer, caplog):
+    import logging
+
+    from opensloth._debug_dataloader import render_batch_html
+
+    batch, lens = _flat_batch(samples[:3])
+    batch["packed_seq_lengths"] = torch.tensor([sum(lens)], dtype=torch.int32)  # one sample: positions say three
+    with caplog.at_level(logging.WARNING, logger="opensloth"):
+        page, summary = render_batch_html(batch, qwen3_tokenizer, title="bad")
+    assert summary["boundaries_from"] == "position_ids"
+    assert summary["per_row"][0]["sample_lengths"] == lens
+    assert "Boundary keys ignored" in page and "describe different segments" in page
+    assert any("contradict" in r.getMessage() for r in caplog.records)
+
+
+def test_collator_batches_show_their_recorded_padding(samples, qwen3_tokenizer):
+    """A batch from opensloth.collate carries its padding: a real sample of pad tokens with no trained label at the
+    end of a row stays a sample (the padding rule alone would call it padding)."""
+    from opensloth._debug_dataloader import render_batch_html
+    from opensloth.collate import collate_samples
+
+    pad = qwen3_tokenizer.pad_token_id
+    feats = [{"input_ids": samples[0]["input_ids"], "labels": samples[0]["labels"]},
+             {"input_ids": [pad] * 3, "labels": [IGNORE_INDEX] * 3}]
+    batch = collate_samples(feats, layout="rows", capacity=len(samples[0]["input_ids"]) + 3, rows=[[0, 1]],
+                            pad_token_id=pad)
+    _, summary = render_batch_html(batch, qwen3_tokenizer)
+    assert summary["samples"] == 2 and summary["padding"] == 0
+    _, rule = render_batch_html(dict(batch), qwen3_tokenizer)  # without the record, the rule reads it as padding
+    assert rule["samples"] == 1 and rule["padding"] == 3

@@ -13,6 +13,7 @@ import torch
 
 from opensloth.patching import batch_samples as bs
 from opensloth.patching.batch_samples import repack_window
+from opensloth.patching.state import trainer_state
 from tests._models import tiny_qwen3
 
 IGNORE = -100
@@ -394,7 +395,7 @@ def test_trainer_get_batch_samples_wrapper_keeps_num_items(tmp_path):
     assert int(count) == int(expected_count)
     assert int(trainer._get_num_items_in_batch(out, torch.device("cpu"))) == int(count)
     assert window_samples(out) == window_samples(expected_batches)
-    assert trainer._opensloth_window_stats.changed
+    assert trainer_state(trainer).window_stats.changed
 
 
 def _is_padding(sample) -> bool:
@@ -496,3 +497,38 @@ def test_flat_recut_keeps_max_seqlen_an_upper_bound_of_every_segment():
             assert int(lengths_from_cu_seq_lens(b["opensloth_cu_seqlens"]).max()) <= b["opensloth_max_seqlen"]
             assert b["opensloth_max_seqlen"] == bound  # one value per window
     assert changed  # the recut did move samples, so the bound was rebuilt
+
+
+@pytest.mark.parametrize("shapes", [[[60, 58], [8] * 15, [30, 30, 31]], [[60], [5, 6], [7]]], ids=["rows", "one-row"])
+def test_recut_micro_batches_carry_a_record_of_their_segments(shapes):
+    """Micro-batches from opensloth.collate carry their padding explicitly; the re-cut's micro-batches carry a new
+    record that agrees with their keys, so the padding is never guessed downstream."""
+    from opensloth.batch import PackedBatch, read_batch
+
+    rng = np.random.default_rng(6)
+    batches = [_rows(rng, lengths) for lengths in shapes]
+    if len({b["input_ids"].shape for b in batches}) > 1:
+        batches = batches[:2]
+    out, stats = repack_window(batches)
+    assert stats.changed
+    for b in out:
+        assert isinstance(b, PackedBatch)
+        read = read_batch(b)
+        assert read.padding == "record"
+        assert read_batch(dict(b)).segments.is_pad.tolist() == read.segments.is_pad.tolist()
+
+
+def test_a_sample_that_looks_like_padding_is_kept_when_the_batch_records_its_padding():
+    """A trailing real sample of one repeated id with no trained label: the collator's record says it is a sample,
+    so the flat re-cut keeps it (the padding rule alone would drop it as a padding tail)."""
+    from opensloth.collate import collate_samples
+
+    rng = np.random.default_rng(7)
+    looks_like_pad = {"input_ids": [0] * 4, "labels": [IGNORE] * 4}
+    windows = [[60, 50], [5], [6]]
+    batches = [collate_samples([{"input_ids": rand_sample(rng, n)[0]} for n in g]
+                               + ([looks_like_pad] if i == 1 else []), layout="flat") for i, g in enumerate(windows)]
+    out, stats = repack_window(batches)
+    assert stats.changed
+    assert window_samples(out) == window_samples(batches)
+    assert stats.real_tokens == 60 + 50 + 5 + 4 + 6

@@ -8,12 +8,16 @@ Importing this package imports nothing heavy (no torch, transformers, trl or uns
 module on first use:
 
 - ``patch_optimize_sft_trainer_batch_samples()`` (`opensloth.patching.batch_samples`): re-cuts each
-  gradient-accumulation window's micro-batches.
+  gradient-accumulation window's micro-batches with ``repack_window`` (the algorithm: `opensloth.recut`).
+- ``add_pre_train_hook(hook)`` (`opensloth.patching.hooks`): the registry of functions run when ``Trainer.train``
+  starts; ``trainer_state(trainer)`` (`opensloth.patching.state`): the one object holding OpenSloth's per-trainer
+  state (re-cut switch, work model, last window's stats, balanced sampler, step figures).
 - ``apply_loss_scaling_fix()`` (`opensloth.patching.loss_scaling`), ``use_balanced_sampler(trainer)``
-  (`opensloth.patching.dataloader`), ``repack_window(batches)`` (`opensloth.patching.batch_samples`).
-- ``enable_unsloth_varlen(model)`` (`opensloth.patching.unsloth_attention`): Unsloth's Qwen3 attention runs
-  FlashAttention-2 varlen on batches collated with ``opensloth.collate.UNSLOTH_VARLEN_METADATA``;
-  ``patch_unsloth_torch_varlen()`` is the smaller fallback (Unsloth's own varlen branch, eager blocks).
+  (`opensloth.patching.dataloader`), ``attach_step_figures(trainer)`` (`opensloth.patching.metrics`).
+- ``enable_unsloth_varlen(model)`` (`opensloth.patching.unsloth_attention`): the legacy Unsloth-Qwen3 route for
+  batches collated with ``opensloth.batch.UNSLOTH_VARLEN_METADATA``, kept until a GPU benchmark decides its fate;
+  ``patch_unsloth_torch_varlen()`` is its smaller fallback. The wired GPU path is `opensloth.wiring` with
+  `opensloth.patching.unsloth_varlen`.
 """
 
 from __future__ import annotations
@@ -22,17 +26,23 @@ import importlib
 from typing import Any
 
 __all__ = [
+    "add_pre_train_hook",
     "apply_loss_scaling_fix",
+    "attach_step_figures",
     "enable_unsloth_varlen",
     "patch_optimize_sft_trainer_batch_samples",
     "patch_unsloth_torch_varlen",
     "repack_window",
+    "trainer_state",
     "use_balanced_sampler",
 ]
 
 _WHERE = {
     "patch_optimize_sft_trainer_batch_samples": "opensloth.patching.batch_samples",
-    "repack_window": "opensloth.patching.batch_samples",
+    "repack_window": "opensloth.recut",
+    "add_pre_train_hook": "opensloth.patching.hooks",
+    "trainer_state": "opensloth.patching.state",
+    "attach_step_figures": "opensloth.patching.metrics",
     "apply_loss_scaling_fix": "opensloth.patching.loss_scaling",
     "use_balanced_sampler": "opensloth.patching.dataloader",
     "enable_unsloth_varlen": "opensloth.patching.unsloth_attention",

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from opensloth.distributed import logger
+from opensloth.patching.state import trainer_state
 from opensloth.sampler import BalancedBatchSampler, WorkModel
 
 __all__ = ["dataset_lengths", "maybe_install_balanced_sampler", "use_balanced_sampler"]
@@ -125,10 +126,11 @@ def use_balanced_sampler(
 
     Lengths come from the training dataset unless given (read once, here). The sampler takes the trainer's
     micro-batch size, gradient accumulation, world size, seed (``data_seed`` if set) and ``dataloader_drop_last``
-    each time the dataloader is built; the one in use is ``trainer._opensloth_sampler``, and the one built now is
-    returned. ``row_capacity``: the collator pads packed rows to this width (the rows layout), so a row's padding is
-    work too; leave None for flat micro-batches. ``balance_across_steps``: the sampler's opt-in that changes which
-    samples each step trains (None: ``OPENSLOTH_BALANCE_ACROSS_STEPS``). Raises ValueError when the dataset's
+    each time the dataloader is built; the one in use is ``trainer_state(trainer).sampler``
+    (`opensloth.patching.state`), and the one built now is returned. ``row_capacity``: the collator pads packed rows
+    to this width (the rows layout), so a row's padding is work too; leave None for flat micro-batches.
+    ``balance_across_steps``: the sampler's opt-in that changes which samples each step trains (None:
+    ``OPENSLOTH_BALANCE_ACROSS_STEPS``). Raises ValueError when the dataset's
     lengths cannot be read or the dataset is too small for one step.
     """
     args = trainer.args
@@ -162,13 +164,14 @@ def use_balanced_sampler(
         )
 
     def get_train_dataloader(self):
-        self._opensloth_sampler = make_sampler(self)
-        return _training_dataloader(self, self._opensloth_sampler)
+        state = trainer_state(self)
+        state.sampler = make_sampler(self)
+        return _training_dataloader(self, state.sampler)
 
     sampler = make_sampler(trainer)  # validates now (a too-small dataset fails here, not at train time)
     setattr(get_train_dataloader, _MARK, True)
     trainer.get_train_dataloader = types.MethodType(get_train_dataloader, trainer)
-    trainer._opensloth_sampler = sampler
+    trainer_state(trainer).sampler = sampler
     logger.info(
         "balanced sampler: %d items, %d optimizer steps per epoch, %d micro-batches per rank",
         sampler.num_items, sampler.num_steps, sampler.batches_per_rank(),

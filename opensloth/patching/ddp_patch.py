@@ -45,7 +45,8 @@ from opensloth.distributed import (
     read_dist_env,
     setup_logging,
 )
-from opensloth.patching.batch_samples import add_pre_train_hook, patch_optimize_sft_trainer_batch_samples
+from opensloth.patching.batch_samples import patch_optimize_sft_trainer_batch_samples
+from opensloth.patching.hooks import add_pre_train_hook
 
 __all__ = [
     "DistributedEnvironmentError",
@@ -149,8 +150,8 @@ def ddp_patch(
     rank, device and world size once per rank. Applies the out-of-place loss-scaling fix, the
     ``ddp_find_unused_parameters=False`` default (world size > 1), with ``balance_ranks`` the rank-balanced sampler at
     train time (`opensloth.patching.dataloader`), and with ``step_figures`` the per-step throughput and balance
-    figures in the Trainer's logs (`opensloth.metrics`), and with ``token_weighted_eval`` an eval loss that is the
-    token-weighted mean over the whole eval set at any world size and eval batch size
+    figures in the Trainer's logs (`opensloth.patching.metrics`), and with ``token_weighted_eval`` an eval loss that
+    is the token-weighted mean over the whole eval set at any world size and eval batch size
     (`opensloth.patching.sft_trainer.install_token_weighted_eval`; from the first ``train()`` on, or call it on a
     trainer that evaluates before training). Imports no Unsloth; safe to call twice.
     """
@@ -194,7 +195,7 @@ def ddp_patch(
 
 
 def _attach_step_figures(trainer: Any) -> None:
-    from opensloth.metrics import attach_step_figures
+    from opensloth.patching.metrics import attach_step_figures
 
     attach_step_figures(trainer)
 

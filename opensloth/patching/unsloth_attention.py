@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from opensloth.collate import VARLEN_CU_SEQLENS_KEY, VARLEN_MAX_SEQLEN_KEY
+from opensloth.batch import VARLEN_CU_SEQLENS_KEY, VARLEN_MAX_SEQLEN_KEY
 from opensloth.distributed import logger
 
 __all__ = [

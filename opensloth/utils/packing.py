@@ -12,7 +12,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from opensloth.collate import DEFAULT_METADATA, _assemble, _metadata_tensors
+from opensloth.batch import (
+    ATTENTION_MASK,
+    CU_SEQ_LENS_K,
+    CU_SEQ_LENS_Q,
+    DEFAULT_METADATA,
+    INPUT_IDS,
+    LABELS,
+    PACKED_SEQ_LENGTHS,
+    POSITION_IDS,
+    PackedBatch,
+    metadata_tensors,
+)
+from opensloth.collate import _assemble
 from opensloth.masks import Segments, dense_segment_mask
 
 __all__ = ["ATTN_MODES", "pack"]
@@ -84,9 +96,10 @@ def pack(
     - ``"dense"``: the full block (bidirectional within each sample).
 
     ``return_metadata=True`` returns no dense mask; instead ``packed_seq_lengths``, ``cu_seq_lens_q``/``_k``,
-    ``max_length_q``/``_k`` and ``use_cache=False`` (the collator's default metadata, opensloth.collate), and the
-    padding of each row becomes a segment of its own (positions 0, 1, 2, ...) as the batch format contract wants.
-    In the dense-mask mode padding positions are 0, as in the seed.
+    ``max_length_q``/``_k`` and ``use_cache=False`` (`opensloth.batch.DEFAULT_METADATA`), and the padding of each row
+    becomes a segment of its own (positions 0, 1, 2, ...) as the batch contract (`opensloth.batch`) wants; the
+    result is then an `opensloth.batch.PackedBatch` whose ``segments`` record the padding. In the dense-mask mode
+    padding positions are 0, as in the seed.
 
     Unlike the seed, ``mask_boundaries=True`` (default) sets the label of the first token of every packed sample to
     ``pad_label_id``, so no sample is trained to predict the next sample's first token and the number of trained
@@ -159,20 +172,19 @@ def pack(
     token_mask_np = ~np.repeat(seg.is_pad, seg.lengths)
     positions = seg.positions()
     out: dict[str, Any] = {
-        "input_ids": torch.from_numpy(grid_ids).reshape(shape),
-        "labels": torch.from_numpy(grid_labels).reshape(shape),
+        INPUT_IDS: torch.from_numpy(grid_ids).reshape(shape),
+        LABELS: torch.from_numpy(grid_labels).reshape(shape),
     }
     if return_metadata:
-        out["position_ids"] = torch.from_numpy(positions).reshape(shape)
-        out.update(_metadata_tensors(seg, DEFAULT_METADATA, torch.bool))
+        out[POSITION_IDS] = torch.from_numpy(positions).reshape(shape)
+        out.update(metadata_tensors(seg, DEFAULT_METADATA))
     else:
-        out["position_ids"] = torch.from_numpy(np.where(token_mask_np, positions, 0)).reshape(shape)
-        out["attention_mask"] = _block_pattern(seg, attn_mode)
+        out[POSITION_IDS] = torch.from_numpy(np.where(token_mask_np, positions, 0)).reshape(shape)
+        out[ATTENTION_MASK] = _block_pattern(seg, attn_mode)
     out["packed_lengths"] = torch.from_numpy(plan.bin_lengths.astype(np.int64))
     if return_token_mask:
         out["token_mask"] = torch.from_numpy(token_mask_np.astype(np.int64)).reshape(shape)
     if device is not None:
-        out = {k: v.to(device) if isinstance(v, torch.Tensor) and k not in ("packed_seq_lengths", "cu_seq_lens_q",
-                                                                           "cu_seq_lens_k") else v
-               for k, v in out.items()}
-    return out
+        cpu_keys = (PACKED_SEQ_LENGTHS, CU_SEQ_LENS_Q, CU_SEQ_LENS_K)  # the contract keeps these on the CPU
+        out = {k: v.to(device) if isinstance(v, torch.Tensor) and k not in cpu_keys else v for k, v in out.items()}
+    return PackedBatch(out, segments=seg) if return_metadata else out

@@ -238,4 +238,6 @@ def test_sft_trainer_flow(unsloth_model, chat_records, qwen3_tokenizer, tmp_path
     # the Trainer and Unsloth's own patches left our wrappers in place, and the wrapper has run
     assert after[f"{QWEN3}.run_attention"] and after[f"{QWEN3}.get_packed_info_from_kwargs"]
     assert after["traced"] + after["eager_calls"] > 0
-    assert getattr(trainer, "_opensloth_window_stats", None) is not None  # the batch-samples wrapper ran
+    from opensloth.patching.state import trainer_state
+
+    assert trainer_state(trainer).window_stats is not None  # the batch-samples wrapper ran

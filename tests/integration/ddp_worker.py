@@ -82,6 +82,7 @@ def lora_step(out_dir, *, grad_accum: int, repack: bool, n_samples: int) -> tupl
     from transformers import Trainer
 
     from opensloth.patching.batch_samples import install_on_trainer
+    from opensloth.patching.state import trainer_state
 
     model = lora_model()
     initial = lora_state(model)
@@ -90,7 +91,7 @@ def lora_step(out_dir, *, grad_accum: int, repack: bool, n_samples: int) -> tupl
     if repack:
         install_on_trainer(trainer)
     trainer.train()
-    stats = getattr(trainer, "_opensloth_window_stats", None)
+    stats = trainer_state(trainer).window_stats
     return initial, lora_state(model), bool(stats is not None and stats.changed)
 
 
@@ -109,6 +110,7 @@ def main(out_dir: str) -> None:
 
     from opensloth.distributed import read_dist_env
     from opensloth.patching.ddp_patch import ddp_patch, patch_optimize_sft_trainer_batch_samples
+    from opensloth.patching.state import trainer_state
     from opensloth.sampler import BalancedBatchSampler
 
     out = Path(out_dir)
@@ -138,7 +140,7 @@ def main(out_dir: str) -> None:
 
     class Windows(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            stats = getattr(trainer, "_opensloth_window_stats", None)
+            stats = trainer_state(trainer).window_stats
             windows.append(None if stats is None else [stats.layout, stats.changed, stats.slots_before,
                                                        stats.slots])
 
@@ -152,7 +154,7 @@ def main(out_dir: str) -> None:
                       callbacks=[Windows()])
     patch_optimize_sft_trainer_batch_samples()
     trainer.train()
-    sampler = getattr(trainer, "_opensloth_sampler", None)
+    sampler = trainer_state(trainer).sampler
     report["after"] = {
         "windows": windows,
         "seen": collate.seen[:],
@@ -160,7 +162,7 @@ def main(out_dir: str) -> None:
         "find_unused_args": trainer.args.ddp_find_unused_parameters,
         "ddp_find_unused": getattr(trainer.model_wrapped, "find_unused_parameters", None),
         "ddp_wrapped": type(trainer.model_wrapped).__name__,
-        "repack_on": bool(getattr(trainer, "_opensloth_repack_on", False)),
+        "repack_on": trainer_state(trainer).repack,
         "log_history": trainer.state.log_history,
     }
     with open(out / f"rank{env.rank}.json", "w") as fh:
