@@ -643,7 +643,10 @@ def debug_batches(trainer, train_dataset, config: TrainConfig, rank: int, world_
     n = config.debug_dataloader if n is None else n
     columns = [c for c in ("input_ids", "labels", "seq_lengths") if c in train_dataset.column_names]
     data = train_dataset.select_columns(columns)
-    sampler = getattr(trainer, "_opensloth_sampler", None)
+    from opensloth.patching.state import trainer_state
+
+    state = trainer_state(trainer, create=False)
+    sampler = state.sampler if state is not None else None
     if sampler is not None:
         mine = [mb.tolist() for mb in sampler.plan(0).rank_batches(rank, 0)]
         order = "its micro-batches in training order (the balanced sampler's plan of epoch 0)"

@@ -372,7 +372,7 @@ def load_cached_datasets(cache_path: str | os.PathLike, metadata: Mapping) -> di
 
 
 def load_prepared_dataset(path: str | os.PathLike) -> tuple[Any, Any, dict]:
-    """Load a folder written by `train_scripts/precompute_dataset.py`: `(train, val_or_None, metadata)`.
+    """Load a folder written by `opensloth precompute`: `(train, val_or_None, metadata)`.
 
     Raises FileNotFoundError naming the folder when it is not a complete precomputed dataset.
     """
@@ -381,7 +381,7 @@ def load_prepared_dataset(path: str | os.PathLike) -> tuple[Any, Any, dict]:
     if meta is None:
         raise FileNotFoundError(
             f"{path} is not a complete precomputed dataset ({reason}); create it with "
-            f"`python train_scripts/precompute_dataset.py --data ... --name ...`"
+            f"`opensloth precompute --data ... --name ...`"
         )
     loaded = load_cached_datasets(path, meta)
     return loaded.get("train"), loaded.get("val"), meta
