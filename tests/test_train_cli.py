@@ -679,3 +679,16 @@ def test_inspect_writes_the_pages_of_the_batches_and_trains_nothing(tmp_path, mo
     with pytest.raises(SystemExit) as exc:
         inspect.main(["--preset", "tiny", "--batches", "0"])
     assert exc.value.code == 2 and "argument --batches: must be a positive number" in capsys.readouterr().err
+
+
+def test_fewer_items_than_processes_is_an_error_and_repeats_are_said(cli):
+    with pytest.raises(cli.RunError, match="3 training samples for 4 processes: every process needs at least one"):
+        cli.check_items_per_process(3, 4, 2, "padding_free")
+    with pytest.raises(cli.RunError, match="1 training rows for 2 processes"):
+        cli.check_items_per_process(1, 2, 1, "balanced")
+    assert cli.check_items_per_process(7, 1, 4, "padding_free") is None  # one process: a short last batch, no repeat
+    assert cli.check_items_per_process(16, 2, 4, "padding_free") is None  # 2 full steps of 2 x 4
+    assert cli.check_items_per_process(5, 2, 4, "balanced") is None  # the balanced sampler trains the leftovers
+    note = cli.check_items_per_process(13, 2, 4, "padding_free")
+    assert note.startswith("13 training samples do not fill the last step of 2 processes x 4: 3 of them are trained "
+                           "twice per epoch")

@@ -936,6 +936,26 @@ class RunSetup:
     resume: str | None = None
 
 
+def check_items_per_process(n_items: int, world_size: int, per_device_batch_size: int, packing: str) -> str | None:
+    """Raise RunError when there are fewer training items than processes; return a note when the last step of an
+    epoch has to repeat items so that every process gets a full micro-batch (accelerate pads it with items from the
+    start of the epoch; the balanced sampler gives the leftover items instead, repeating only to avoid an empty
+    micro-batch), None otherwise."""
+    unit = "rows" if packing in ("packed", "balanced") else "samples"
+    if n_items < world_size:
+        raise RunError(f"{n_items} training {unit} for {world_size} processes: every process needs at least one; use "
+                       f"at most {n_items} processes, or more data (--train_samples)")
+    if world_size == 1 or packing == "balanced":
+        return None
+    step = world_size * per_device_batch_size
+    repeated = -n_items % step
+    if repeated == 0:
+        return None
+    return (f"{n_items} training {unit} do not fill the last step of {world_size} processes x "
+            f"{per_device_batch_size}: {repeated} of them are trained twice per epoch (the last micro-batches are "
+            f"padded with {unit} from the start). Use a multiple of {step} {unit}, or --packing balanced")
+
+
 def setup_run(config: TrainConfig, sources: dict[str, str], *, output: bool = True) -> RunSetup:
     """Check the machine, apply the patches, then build the training arguments (which start the process group under
     torchrun), the model, the data and the trainer, as a training run does. `output=False` (inspect) leaves the
@@ -980,6 +1000,10 @@ def setup_run(config: TrainConfig, sources: dict[str, str], *, output: bool = Tr
     say(f"[opensloth] data: {len(train_dataset)} training "
         f"{'rows' if config.packing in ('packed', 'balanced') else 'samples'}"
         + (f", {len(eval_dataset)} evaluation" if eval_dataset is not None else ", no evaluation"))
+    repeat_note = check_items_per_process(len(train_dataset), world_size, config.per_device_batch_size,
+                                          config.packing)
+    if repeat_note:
+        say(f"[opensloth] {repeat_note}")
 
     trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset, training_args, backend, wiring)
     return RunSetup(env=env, backend=backend, training_args=training_args, model=model, tokenizer=tokenizer,
