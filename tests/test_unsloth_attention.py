@@ -284,8 +284,6 @@ def test_version_gate(monkeypatch, caplog):
     with pytest.raises(ua.UnslothPatchError, match=r"2026\.11\.1.*2026\.10\.9"):
         ua.patch_unsloth_varlen_attention()
     assert not getattr(fake.qwen3.run_attention, "_opensloth_varlen_wrapper", False)
-    with pytest.raises(ua.UnslothPatchError, match="2026.11.1"):
-        ua.patch_unsloth_torch_varlen()
     monkeypatch.setattr(logging.getLogger("opensloth"), "propagate", True)
     with caplog.at_level(logging.WARNING, logger="opensloth"):
         assert ua.patch_unsloth_varlen_attention(allow_untested=True) == "patched"
@@ -423,34 +421,6 @@ def test_compiled_attention_is_counted_once_per_trace_without_recompiles(fake, m
     status = ua.varlen_status()
     assert status["traced"] == 1 and status["eager_calls"] == 0
     torch._dynamo.reset()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# V1: Unsloth's own varlen branch
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def test_torch_varlen_switch(fake):
-    dispatch = fake.dispatch
-    assert ua.patch_unsloth_torch_varlen() == "patched"
-    assert dispatch._LEAN_VARLEN is True and dispatch._varlen_can_use_cudnn(1, 2, 3) is False
-    q, k, v, cu = object(), object(), object(), object()
-    # The call _varlen_attn_call makes when it does not take the lean path (varlen_attn's signature).
-    out = dispatch._TORCH_VARLEN_ATTN(q, k, v, cu, cu, 77, 77, scale=0.5, window_size=(-1, 0), enable_gqa=True)
-    assert out == "lean-out"
-    assert fake.calls[-1] == ("lean_apply", (q, k, v, cu, 77, True, 0.5, -1, 0))
-    dispatch._TORCH_VARLEN_ATTN(q, k, v, cu, cu, 5, 5, window_size=(-1, -1))
-    assert fake.calls[-1] == ("lean_apply", (q, k, v, cu, 5, False, None, -1, -1))
-    assert ua.patch_unsloth_torch_varlen() == "already"
-
-
-def test_torch_varlen_switch_not_needed_when_torch_has_it(fake):
-    def torch_varlen(*args, **kwargs):
-        return "torch"
-
-    fake.dispatch._TORCH_VARLEN_ATTN = torch_varlen
-    assert ua.patch_unsloth_torch_varlen() == "not needed"
-    assert fake.dispatch._TORCH_VARLEN_ATTN is torch_varlen and fake.dispatch._LEAN_VARLEN is False
 
 
 # ---------------------------------------------------------------------------------------------------------------

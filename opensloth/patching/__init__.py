@@ -15,9 +15,9 @@ module on first use:
 - ``apply_loss_scaling_fix()`` (`opensloth.patching.loss_scaling`), ``use_balanced_sampler(trainer)``
   (`opensloth.patching.dataloader`), ``attach_step_figures(trainer)`` (`opensloth.patching.metrics`).
 - ``enable_unsloth_varlen(model)`` (`opensloth.patching.unsloth_attention`): the legacy Unsloth-Qwen3 route for
-  batches collated with ``opensloth.batch.UNSLOTH_VARLEN_METADATA``, kept until a GPU benchmark decides its fate;
-  ``patch_unsloth_torch_varlen()`` is its smaller fallback. The wired GPU path is `opensloth.wiring` with
-  `opensloth.patching.unsloth_varlen`.
+  batches collated with ``opensloth.batch.UNSLOTH_VARLEN_METADATA``, kept until a GPU benchmark decides its fate.
+  The wired GPU path is `opensloth.wiring` with ``switch_on_unsloth_varlen()`` (`opensloth.patching.unsloth_varlen`;
+  ``patch_unsloth_torch_varlen`` is its former name).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ __all__ = [
     "enable_unsloth_varlen",
     "patch_optimize_sft_trainer_batch_samples",
     "patch_unsloth_torch_varlen",
+    "switch_on_unsloth_varlen",
     "repack_window",
     "trainer_state",
     "use_balanced_sampler",
@@ -46,7 +47,8 @@ _WHERE = {
     "apply_loss_scaling_fix": "opensloth.patching.loss_scaling",
     "use_balanced_sampler": "opensloth.patching.dataloader",
     "enable_unsloth_varlen": "opensloth.patching.unsloth_attention",
-    "patch_unsloth_torch_varlen": "opensloth.patching.unsloth_attention",
+    "patch_unsloth_torch_varlen": "opensloth.patching.unsloth_varlen",
+    "switch_on_unsloth_varlen": "opensloth.patching.unsloth_varlen",
 }
 
 

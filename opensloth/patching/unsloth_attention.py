@@ -23,9 +23,8 @@ torch.compile (S changes every batch) and, on the first forwards, checks that th
 attention never called it, the key was ignored and documents attended to each other, so it raises.
 
 The patch is gated on the Unsloth versions it was read against (`SUPPORTED_UNSLOTH_VERSIONS`), is idempotent, wraps
-whatever is installed at the time, and raises when a target is missing. `patch_unsloth_torch_varlen` is the
-smaller fallback ("V1"): it keeps ``packed_seq_lengths`` on the flat layout and switches Unsloth's own varlen branch
-on under torch < 2.12 (eager blocks, one host read of the lengths per batch).
+whatever is installed at the time, and raises when a target is missing. Unsloth's own varlen branch on
+``packed_seq_lengths`` batches (the wired GPU path) is switched on by `opensloth.patching.unsloth_varlen`.
 """
 
 from __future__ import annotations
@@ -48,7 +47,6 @@ __all__ = [
     "VarlenInfo",
     "enable_unsloth_varlen",
     "flash_varlen_attention",
-    "patch_unsloth_torch_varlen",
     "patch_unsloth_varlen_attention",
     "varlen_status",
 ]
@@ -384,43 +382,3 @@ def enable_unsloth_varlen(model: Any, *, allow_untested: bool = False) -> Any:
                             model.register_forward_hook(_post_hook, with_kwargs=True))
         model.__dict__[_HOOKS_ATTR] = state
     return model
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# V1: Unsloth's own varlen branch on torch < 2.12 (flat layout + packed_seq_lengths, eager blocks)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def patch_unsloth_torch_varlen(*, allow_untested: bool = False) -> str:
-    """Switch on Unsloth's torch-varlen branch for ``packed_seq_lengths`` batches where torch lacks
-    ``varlen_attn(enable_gqa=...)`` (torch < 2.12): one FlashAttention-2 varlen call per layer instead of one SDPA
-    call per run of equal-length documents.
-
-    Sets three globals of ``unsloth.utils.attention_dispatch`` (read at call time): ``_TORCH_VARLEN_ATTN`` (a
-    function with varlen_attn's signature over Unsloth's ``_LeanFlashVarlen``), ``_varlen_can_use_cudnn`` (False)
-    and ``_LEAN_VARLEN`` (True). Returns "patched", "already" or "not needed" (torch's own varlen_attn is in use).
-    Blocks stay eager for such batches (Unsloth skips its block compile when ``packed_seq_lengths`` is present).
-    """
-    _check_version(allow_untested)
-    dispatch = _import(_DISPATCH)
-    for attr in ("_TORCH_VARLEN_ATTN", "_LeanFlashVarlen", "_LEAN_VARLEN", "_torch_varlen_takes"):
-        if not hasattr(dispatch, attr):
-            raise UnslothPatchError(f"{_DISPATCH}.{attr} is missing (read against "
-                                    f"{', '.join(SUPPORTED_UNSLOTH_VERSIONS)})")
-    current = dispatch._TORCH_VARLEN_ATTN
-    if current is not None:
-        return "already" if getattr(current, _MARK, False) else "not needed"
-    lean = dispatch._LeanFlashVarlen
-
-    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
-                    enable_gqa=False, return_aux=None):
-        window = tuple(window_size)
-        return lean.apply(query, key, value, cu_seq_q, max_q, window == (-1, 0), scale, window[0], window[1])
-
-    setattr(varlen_attn, _MARK, True)
-    dispatch._TORCH_VARLEN_ATTN = varlen_attn
-    dispatch._varlen_can_use_cudnn = lambda *args, **kwargs: False
-    dispatch._LEAN_VARLEN = True
-    logger.info("Unsloth: packed_seq_lengths batches run FlashAttention-2 varlen (torch %s has no "
-                "varlen_attn(enable_gqa))", torch.__version__)
-    return "patched"

@@ -25,7 +25,7 @@ from typing import Any
 
 from opensloth.distributed import logger
 
-__all__ = ["switch_on_unsloth_varlen", "unsloth_varlen_state"]
+__all__ = ["patch_unsloth_torch_varlen", "switch_on_unsloth_varlen", "unsloth_varlen_state"]
 
 _DISPATCH = "unsloth.utils.attention_dispatch"
 _MARK = "_opensloth_varlen_switch"
@@ -103,3 +103,10 @@ def switch_on_unsloth_varlen() -> str:
     logger.info("Unsloth: packed batches run FlashAttention-2 varlen (torch %s has no varlen_attn(enable_gqa); "
                 "Unsloth's own varlen branch switched on)", torch.__version__)
     return "switched"
+
+
+def patch_unsloth_torch_varlen(*, allow_untested: bool = False) -> str:
+    """The former name of `switch_on_unsloth_varlen` (kept for scripts that call it): ``"patched"`` where the
+    switch was made, else its outcome. ``allow_untested`` is accepted and ignored: the switch is feature-detected."""
+    outcome = switch_on_unsloth_varlen()
+    return "patched" if outcome == "switched" else outcome
