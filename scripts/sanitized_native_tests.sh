@@ -35,6 +35,10 @@ mkdir -p "$SRC"
 for path in opensloth csrc tests setup.py pyproject.toml README.md; do
   [[ -e "$ROOT/$path" ]] && cp -R "$ROOT/$path" "$SRC/"
 done
+mkdir -p "$SRC/benchmarks"  # tests/conftest.py reads the development data through benchmarks/_shared_data.py
+for path in benchmarks/__init__.py benchmarks/_shared_data.py; do
+  [[ -e "$ROOT/$path" ]] && cp "$ROOT/$path" "$SRC/$path"
+done
 find "$SRC" \( -name '__pycache__' -o -name '*.so' -o -name '*.pyd' -o -name '*.egg-info' \) -prune \
   -exec rm -rf {} +
 
