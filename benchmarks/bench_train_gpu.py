@@ -550,9 +550,6 @@ def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer,
     wall = sum(max(r["step_s"][i] for r in per_rank) for i in timed)
     real = sum(sum(r["real"][i] for i in timed) for r in per_rank)
     slots = sum(sum(r["slots"][i] for i in timed) for r in per_rank)
-    hook = model.__dict__.pop("_opensloth_batch_keys_hook", None)  # wire_batches' key watch: ours only
-    if hook is not None:
-        hook.remove()
     del trainer
     gc.collect()
     if cuda:

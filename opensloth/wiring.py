@@ -19,8 +19,10 @@ unless flash-attn is installed, for one), the run switches to ``layout="padded"`
 same samples per step and the same loss, more padding; a warning says so once. Under torchrun every rank checks and
 the ranks agree on the outcome (the most cautious wins), so all ranks collate alike.
 
-A forward pre-hook then keeps watching: a labelled flat micro-batch that reaches the model without the keys the
-collator sent (a trainer or wrapper dropped them) raises `PackedBatchError` instead of training on leaked attention.
+The check runs through the very collator and forward the trainer uses, so it also catches boundary keys that get
+lost on the way. (A watch over every training forward was tried and dropped: a labelled single-sample forward
+without positions is legitimate, e.g. an evaluation of one sample, and cannot be told from a packed row that lost
+its keys.)
 """
 
 from __future__ import annotations
@@ -30,17 +32,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from opensloth.attention_check import PackedAttentionCheck, check_packed_attention
-from opensloth.batch import INPUT_IDS, LABELS, PACKED_SEQ_LENGTHS, POSITION_IDS, UNSLOTH_METADATA
+from opensloth.batch import UNSLOTH_METADATA
 from opensloth.distributed import logger
 
-__all__ = ["PACKING_MODES", "UNSLOTH_METADATA", "BatchWiring", "PackedBatchError", "wire_batches"]
+__all__ = ["PACKING_MODES", "UNSLOTH_METADATA", "BatchWiring", "wire_batches"]
 
 PACKING_MODES = ("none", "padding_free", "packed", "balanced")
-_HOOK_ATTR = "_opensloth_batch_keys_hook"
-
-
-class PackedBatchError(RuntimeError):
-    """A packed micro-batch reached the model without the boundary keys its collator sent."""
 
 
 @dataclass(frozen=True)
@@ -79,30 +76,6 @@ def _agree(honoured: bool) -> bool:
     flag = torch.tensor([1 if honoured else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
-
-
-def _watch_batch_keys(model: Any, required: tuple[str, ...]) -> None:
-    """Raise when a labelled flat micro-batch arrives without ``required`` keys (dropped on the way)."""
-    previous = model.__dict__.pop(_HOOK_ATTR, None)
-    if previous is not None:
-        previous.remove()
-
-    def pre_hook(module, args, kwargs):
-        if kwargs.get(LABELS) is None:
-            return None
-        ids = kwargs.get(INPUT_IDS, args[0] if args else None)
-        if getattr(ids, "dim", lambda: 0)() != 2 or ids.shape[0] != 1:
-            return None
-        missing = [key for key in required if kwargs.get(key) is None]
-        if missing:
-            raise PackedBatchError(
-                f"a packed micro-batch reached {type(module).__name__} without {missing}: the collator sent them, "
-                f"something between it and the model dropped them, and the packed samples would attend to each "
-                f"other. Keep remove_unused_columns=False and pass the collator's whole batch to the model"
-            )
-        return None
-
-    model.__dict__[_HOOK_ATTR] = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
 def _packed_collator(backend: str, packing: str, max_seq_length: int, pad_token_id: int,
@@ -160,7 +133,4 @@ def wire_batches(model: Any, *, backend: str, packing: str, max_seq_length: int,
                            "padded", result, varlen, reason)
     if result is not None:
         logger.info("packed attention of %s: %s", _model_name(model), result.describe())
-    if layout == "flat":
-        required = (POSITION_IDS,) + ((PACKED_SEQ_LENGTHS,) if backend == "unsloth" else ())
-        _watch_batch_keys(model, required)
     return BatchWiring(collator, layout, result, varlen)

@@ -74,12 +74,20 @@ def test_native_varlen_needs_no_switch(install):
     assert unsloth_varlen.unsloth_varlen_state() == "native"
 
 
-@pytest.mark.parametrize("missing", ["_LeanFlashVarlen", "_varlen_can_use_cudnn", "_LEAN_VARLEN"])
+def test_switch_on_a_dispatch_that_never_loaded_a_varlen_kernel(install):
+    """Unsloth 2026.10.9 on torch 2.11 defines no _varlen_can_use_cudnn at all (only when it loaded varlen_attn):
+    the switch must not require it (seen on the H100, where it wrongly reported itself unavailable)."""
+    dispatch = install(fake_dispatch(_varlen_can_use_cudnn=_DELETE))
+    assert unsloth_varlen.switch_on_unsloth_varlen() == "switched"
+    assert dispatch._varlen_can_use_cudnn() is False and dispatch._LEAN_VARLEN is True
+
+
+@pytest.mark.parametrize("missing", ["_LeanFlashVarlen", "_LEAN_VARLEN", "_TORCH_VARLEN_ATTN"])
 def test_another_unsloth_keeps_its_own_path_with_a_warning(install, caplog, missing):
     dispatch = install(fake_dispatch(**{missing: _DELETE}))
     with caplog.at_level(logging.WARNING, logger="opensloth"):
         assert unsloth_varlen.switch_on_unsloth_varlen() == "unavailable"
-    assert dispatch._TORCH_VARLEN_ATTN is None  # nothing changed
+    assert getattr(dispatch, "_TORCH_VARLEN_ATTN", None) is None  # nothing changed
     assert missing in caplog.text and "slower" in caplog.text
 
 

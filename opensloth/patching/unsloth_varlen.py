@@ -29,7 +29,9 @@ __all__ = ["patch_unsloth_torch_varlen", "switch_on_unsloth_varlen", "unsloth_va
 
 _DISPATCH = "unsloth.utils.attention_dispatch"
 _MARK = "_opensloth_varlen_switch"
-_NEEDED = ("_TORCH_VARLEN_ATTN", "_LeanFlashVarlen", "_LEAN_VARLEN", "_varlen_can_use_cudnn")
+# Read before switching. ``_varlen_can_use_cudnn`` is not among them: Unsloth defines it only when it loaded a varlen
+# kernel itself (never on torch 2.11), and the switch sets it either way.
+_NEEDED = ("_TORCH_VARLEN_ATTN", "_LeanFlashVarlen", "_LEAN_VARLEN")
 
 
 def _dispatch_module() -> Any | None:
