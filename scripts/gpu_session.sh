@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One GPU session's measurements, in the order they matter, within a time limit (the device tool gives a session
+# about 30 minutes and one command at most 10): the per-family GPU tests, the Qwen3-0.6B anchors against ours (with
+# work timings for benchmarks/sim_scaling.py), the small model of every family, then the 8B shapes if time is left.
+# Every stage writes under /tmp/c, packed into $OUT/all.tgz as it goes, so a stage cut short loses nothing before it.
+#
+# Setup (../shared/gpu/README.md): .gpu/site.tgz (bash ../shared/gpu/make_site_bundle.sh .gpu/site.tgz) and
+# .gpu/data/{tokenizers/qwen3,chat} copied from ../shared/data; the call carries .gpu:
+#   LIMIT=560 bash scripts/gpu_session.sh            # STAGES="tests 06b arch 8b" by default
+set -u
+LIMIT=${LIMIT:-560}
+STAGES=${STAGES:-"tests 06b arch 8b"}
+OUT=${OUT:-/tmp/out}
+mkdir -p /tmp/site /tmp/c "$OUT" && tar xzf .gpu/site.tgz -C /tmp/site
+export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OPENSLOTH_SHARED_DATA=$PWD/.gpu/data
+export OPENSLOTH_GIT_REVISION=${REV:-unknown}
+pack() { tar czf "$OUT/all.tgz" -C /tmp/c . ; }
+t0=$(date +%s)
+say() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+left() { echo $(( LIMIT - ($(date +%s) - t0) )); }
+cap() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+bench() { python benchmarks/bench_train_gpu.py "$@"; }
+
+python -m pip install -q --no-deps --no-build-isolation -e . > /tmp/c/pip.log 2>&1 || tail -5 /tmp/c/pip.log
+python -c "import opensloth.packing as p; print('packing backends', p.available_backends())"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+
+if want tests; then
+  say "GPU tests"; timeout "$(cap 200)" python -m pytest tests/gpu -q -s -p no:cacheprovider > /tmp/c/gpu_tests.log 2>&1
+  echo "tests rc $?"; pack
+  grep -E "^(llama|qwen2|qwen3|mistral|gemma2|gemma3)|passed|failed" /tmp/c/gpu_tests.log | cut -c1-240 | head -40
+fi
+if want 06b; then
+  say "Qwen3-0.6B"; timeout "$(cap 200)" bench --shapes qwen3_0.6b --variants unsloth_packing,unsloth_auto,opensloth \
+    --warmup_steps 3 --steps 8 --num_samples 2500 --eval_samples 24 --work_dir /tmp/b06 --out_dir /tmp/c/b06 \
+    --timeout 190 --work_timings > /tmp/c/bench_06b.log 2>&1
+  echo "0.6b rc $?"; pack; grep -A6 "^| shape" /tmp/c/bench_06b.log
+fi
+if want arch; then
+  say "a small model per family"; timeout "$(cap 150)" bench --shapes arch --variants unsloth_packing,opensloth \
+    --warmup_steps 2 --steps 4 --num_samples 1200 --eval_samples 12 --work_dir /tmp/barch --out_dir /tmp/c/arch \
+    --timeout 140 > /tmp/c/bench_arch.log 2>&1
+  echo "arch rc $?"; pack; grep -A16 "^| shape" /tmp/c/bench_arch.log
+fi
+if want 8b && [ "$(left)" -gt 200 ]; then
+  say "8B shapes with $(left)s left"; timeout "$(( $(left) - 5 ))" bench --shapes qwen3_8b,llama31_8b \
+    --variants unsloth_packing,unsloth_auto,opensloth --lora_targets all --micro_rows 8 --warmup_steps 2 --steps 4 \
+    --num_samples 1500 --eval_samples 8 --work_dir /tmp/b8 --out_dir /tmp/c/b8 --timeout 400 --work_timings \
+    --work_max_tokens 8192 > /tmp/c/bench_8b.log 2>&1
+  echo "8b rc $?"; pack; grep -A8 "^| shape" /tmp/c/bench_8b.log
+fi
+say done; pack
