@@ -510,7 +510,7 @@ def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer,
         if packing == "padding_free":
             batch = padded_batch(cfg)
         wiring = wire_batches(model, backend=cfg.backend, packing=packing, max_seq_length=cfg.max_seq_length,
-                              pad_token_id=tokenizer.pad_token_id, per_device_batch_size=batch)
+                              pad_token_id=tokenizer.pad_token_id, per_device_batch_size=batch, dataset=train_ds)
         collator, layout = wiring.collator, wiring.layout
         note = wiring.check.describe() if wiring.check is not None else ""
         kwargs.update(remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})

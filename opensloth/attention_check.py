@@ -57,7 +57,7 @@ class PackedAttentionCheck:
                 f"(relative max logit error)")
 
 
-def _probe_tokens(model: Any) -> tuple[np.ndarray, np.ndarray]:
+def _probe_tokens(model: Any, len_a: int, len_b: int) -> tuple[np.ndarray, np.ndarray]:
     config = getattr(model, "config", None)
     config = getattr(config, "text_config", None) or config
     vocab = int(getattr(config, "vocab_size", 0) or 0)
@@ -65,8 +65,8 @@ def _probe_tokens(model: Any) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"cannot probe a model whose config has vocab_size = {vocab!r}")
     low = min(100, vocab // 2)  # above the special tokens most vocabularies start with
     rng = np.random.default_rng(0)
-    ids = rng.integers(low, vocab, size=_LEN_A + _LEN_B, dtype=np.int64)
-    return ids[:_LEN_A], ids[_LEN_A:]
+    ids = rng.integers(low, vocab, size=len_a + len_b, dtype=np.int64)
+    return ids[:len_a], ids[len_a:]
 
 
 def _model_device(model: Any) -> torch.device:
@@ -86,31 +86,38 @@ def _logits(model: Any, batch: Mapping[str, Any], device: torch.device) -> torch
     return logits.float().reshape(-1, logits.shape[-1])
 
 
-def check_packed_attention(model: Any, collate: Callable[[list[dict]], Mapping[str, Any]]) -> PackedAttentionCheck:
+def check_packed_attention(model: Any, collate: Callable[[list[dict]], Mapping[str, Any]], *,
+                           max_tokens: int | None = None) -> PackedAttentionCheck:
     """Run the three probe forwards (module docstring) through ``collate`` (the trainer's collator: it receives
     features with ``input_ids`` and ``seq_lengths``, as packed rows come from `opensloth.data.packed`) and compare.
 
-    Raises RuntimeError when the model returns no logits. Works for any layout whose flattened batch holds B's
-    tokens in order after A's (flat and rows) or B in its own row (padded)."""
-    a, b = _probe_tokens(model)
+    ``max_tokens`` caps the probe row (A and B together; default 60 tokens), e.g. at a rows collator's capacity.
+    Raises RuntimeError when the model returns no logits, ValueError for ``max_tokens`` below 4. Works for any
+    layout whose flattened batch holds B's tokens in order after A's (flat and rows) or B in its own row (padded)."""
+    total = _LEN_A + _LEN_B if max_tokens is None else min(_LEN_A + _LEN_B, int(max_tokens))
+    if total < 4:
+        raise ValueError(f"max_tokens = {max_tokens}: the probe needs a row of at least 4 tokens")
+    len_b = max(2, total // 5)
+    len_a = total - len_b
+    a, b = _probe_tokens(model, len_a, len_b)
     both = np.concatenate([a, b])
     device = _model_device(model)
-    packed_batch = collate([{"input_ids": both, "seq_lengths": np.array([_LEN_A, _LEN_B])}])
-    alone_batch = collate([{"input_ids": b, "seq_lengths": np.array([_LEN_B])}])
-    leak_batch = collate([{"input_ids": both, "seq_lengths": np.array([_LEN_A + _LEN_B])}])
+    packed_batch = collate([{"input_ids": both, "seq_lengths": np.array([len_a, len_b])}])
+    alone_batch = collate([{"input_ids": b, "seq_lengths": np.array([len_b])}])
+    leak_batch = collate([{"input_ids": both, "seq_lengths": np.array([len_a + len_b])}])
     packed = _logits(model, packed_batch, device)
-    alone = _logits(model, alone_batch, device)[:_LEN_B]
-    leak = _logits(model, leak_batch, device)[_LEN_A:_LEN_A + _LEN_B]
+    alone = _logits(model, alone_batch, device)[:len_b]
+    leak = _logits(model, leak_batch, device)[len_a:len_a + len_b]
     ids = packed_batch["input_ids"].reshape(-1)
     want = torch.from_numpy(b)
     # B follows A in the same row (flat, rows) or opens the second row (padded).
-    start = next((s for s in (_LEN_A, packed_batch["input_ids"].shape[-1])
-                  if ids.shape[0] >= s + _LEN_B and torch.equal(ids[s:s + _LEN_B], want)), None)
+    start = next((s for s in (len_a, packed_batch["input_ids"].shape[-1])
+                  if ids.shape[0] >= s + len_b and torch.equal(ids[s:s + len_b], want)), None)
     if start is None:
         raise ValueError("the collator placed the probe's second sample neither after the first in its row nor at "
                          "the start of the next row; check_packed_attention supports the flat, rows and padded "
                          "layouts")
-    packed = packed[start:start + _LEN_B]
+    packed = packed[start:start + len_b]
     scale = float(alone.abs().max().clamp_min(1e-12))
     packed_error = float((packed - alone).abs().max()) / scale
     leak_error = float((leak - alone).abs().max()) / scale

@@ -35,7 +35,7 @@ from opensloth.attention_check import PackedAttentionCheck, check_packed_attenti
 from opensloth.batch import UNSLOTH_METADATA
 from opensloth.distributed import logger
 
-__all__ = ["PACKING_MODES", "UNSLOTH_METADATA", "BatchWiring", "wire_batches"]
+__all__ = ["PACKING_MODES", "UNSLOTH_METADATA", "BatchWiring", "check_packed_dataset", "wire_batches"]
 
 PACKING_MODES = ("none", "padding_free", "packed", "balanced")
 
@@ -89,13 +89,27 @@ def _packed_collator(backend: str, packing: str, max_seq_length: int, pad_token_
     return PackedDataCollator(pad_token_id=pad_token_id, layout="rows", capacity=max_seq_length), "rows"
 
 
+def check_packed_dataset(dataset: Any, max_seq_length: int) -> None:
+    """Raise ValueError when ``dataset``'s packed rows (their capacity recorded by `opensloth.data.packed`) are wider
+    than ``max_seq_length``: the run would be configured for shorter rows than it trains on."""
+    from opensloth.data.packed import packing_stats
+
+    stats = packing_stats(dataset) if dataset is not None else None
+    if stats is not None and not isinstance(stats, dict) and stats.capacity > max_seq_length:
+        raise ValueError(f"the packed dataset's rows hold up to {stats.capacity} tokens, above max_seq_length = "
+                         f"{max_seq_length}; raise max_seq_length to {stats.capacity}, or pack the data again at "
+                         f"{max_seq_length}")
+
+
 def wire_batches(model: Any, *, backend: str, packing: str, max_seq_length: int, pad_token_id: int,
-                 per_device_batch_size: int = 1, check: bool = True) -> BatchWiring:
+                 per_device_batch_size: int = 1, check: bool = True, dataset: Any = None) -> BatchWiring:
     """Choose the collator (and switch on Unsloth's varlen branch) for ``packing`` on ``backend``; check that
     ``model`` keeps packed samples apart and fall back to padded rows when it does not (module docstring).
 
     ``backend``: ``"unsloth"`` or ``"hf"``. ``packing``: one of `PACKING_MODES`. ``check=False`` skips the
-    packed-attention check (and trusts the metadata). Raises ValueError for an unknown backend or mode.
+    packed-attention check (and trusts the metadata). ``dataset``: the training dataset, whose recorded packing
+    capacity is checked against ``max_seq_length`` (`check_packed_dataset`). Raises ValueError for an unknown backend
+    or mode, or rows wider than ``max_seq_length``.
     """
     if backend not in ("unsloth", "hf"):
         raise ValueError(f"backend = {backend!r}; choose 'unsloth' or 'hf'")
@@ -103,6 +117,7 @@ def wire_batches(model: Any, *, backend: str, packing: str, max_seq_length: int,
         raise ValueError(f"packing = {packing!r}; choose one of {PACKING_MODES}")
     if not (isinstance(max_seq_length, int) and max_seq_length > 0):
         raise ValueError(f"max_seq_length = {max_seq_length!r} must be a positive int")
+    check_packed_dataset(dataset, max_seq_length)
     if packing == "none":
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -116,7 +131,7 @@ def wire_batches(model: Any, *, backend: str, packing: str, max_seq_length: int,
     result = None
     honoured = True
     if check:
-        result = check_packed_attention(model, collator)
+        result = check_packed_attention(model, collator, max_tokens=max_seq_length)
         honoured = result.honoured
         if not result.conclusive:
             logger.warning("packed attention of %s could not be verified: %s; training packed anyway",

@@ -91,3 +91,18 @@ def test_wiring_adds_no_hook_to_the_model():
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
         wire(tiny_qwen3(), **options)
+
+
+def test_the_packed_datasets_capacity_is_checked():
+    from datasets import Dataset
+
+    from opensloth.data.packed import build_packed_dataset
+
+    samples = Dataset.from_dict({"input_ids": [[1] * n for n in (5, 9, 3, 12, 7)],
+                                 "labels": [[1] * n for n in (5, 9, 3, 12, 7)]})
+    rows = build_packed_dataset(samples, 16)
+    wire(tiny_qwen3(), max_seq_length=16, dataset=rows)  # fits
+    with pytest.raises(ValueError, match="rows hold up to 16 tokens, above max_seq_length = 12; raise"):
+        wire(tiny_qwen3(), max_seq_length=12, dataset=rows)
+    wire(tiny_qwen3(), max_seq_length=12, dataset=samples)  # unpacked samples record no capacity: nothing to check
+

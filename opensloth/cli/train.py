@@ -994,6 +994,12 @@ def setup_run(config: TrainConfig, sources: dict[str, str], *, output: bool = Tr
     wiring = wire_collator(config, model, tokenizer, backend)
     train_dataset, eval_dataset, data_info = prepare_datasets(config, tokenizer, world_size)
     data_info["batch_layout"] = wiring.layout
+    from opensloth.wiring import check_packed_dataset
+
+    try:
+        check_packed_dataset(train_dataset, config.max_seq_length)
+    except ValueError as exc:
+        raise RunError(f"--max_seq_length: {exc}") from None
     if eval_dataset is None and training_args.eval_strategy != "no":
         training_args.eval_strategy = "no"  # the evaluation records had nothing to evaluate (said above)
         training_args.do_eval = False
