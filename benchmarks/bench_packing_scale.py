@@ -32,29 +32,12 @@ if str(ROOT) not in sys.path:
 THREADS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 from opensloth import packing
 from opensloth.packing import _validate
 
-def _status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-
-def peak_start():
-    # Linux resets the peak (VmHWM) to the current RSS on "5" > /proc/self/clear_refs; elsewhere ru_maxrss,
-    # which remembers every earlier peak (a lower bound of what the call adds).
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status("VmRSS"), True
-    except (OSError, TypeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, False
-
-def peak_added(start, exact):
-    return (_status("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - start
+from benchmarks._peak_memory import peak_added, peak_start
 
 case, backend, n, k = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 rng = np.random.default_rng(0)

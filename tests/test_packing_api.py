@@ -457,27 +457,10 @@ def test_partition_padded_in_blocks_gives_the_same_split(backend, monkeypatch):
 
 
 _PEAK_SCRIPT = """
-import resource, sys
+import sys
 import numpy as np
 from opensloth import packing
-def _status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-
-def peak_start():
-    # Linux resets the peak (VmHWM) to the current RSS on "5" > /proc/self/clear_refs; elsewhere ru_maxrss,
-    # which remembers every earlier peak (a lower bound of what the call adds).
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status("VmRSS"), True
-    except (OSError, TypeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, False
-
-def peak_added(start, exact):
-    return (_status("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - start
+from benchmarks._peak_memory import peak_added, peak_start
 
 function, backend, n, k = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 values = np.random.default_rng(0).integers(1, 4096, n)
@@ -491,11 +474,15 @@ print(peak_added(start, exact))
 
 def _peak_added(function: str, backend: str, n: int, k: int) -> int:
     """Bytes of resident memory ``opensloth.packing.<function>(values, k)`` adds at its peak, in a fresh process."""
+    import os
     import subprocess
     import sys
+    from pathlib import Path
 
+    root = Path(__file__).resolve().parents[1]  # the child imports benchmarks._peak_memory
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, function, backend, str(n), str(k)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env, cwd=root)
     assert done.returncode == 0, done.stderr
     return int(done.stdout.split()[-1])
 
