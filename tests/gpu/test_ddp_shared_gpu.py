@@ -30,7 +30,14 @@ import math
 
 import pytest
 
-from tests.integration.shared_launch import launch_env, run_one_process, run_two_nodes, step_losses, summary
+from tests.integration.shared_launch import (
+    launch_env,
+    run_one_process,
+    run_two_nodes,
+    step_losses,
+    summary,
+    tiny_run_flags,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(1800)]
 
@@ -39,11 +46,7 @@ ATOL = 5e-3
 
 
 def _common(workdir) -> list[str]:
-    return ["--preset", "tiny", "--backend", "unsloth", "--lora_r", "8", "--packing", "balanced",
-            "--max_steps", str(STEPS), "--train_samples", "160", "--test_samples", "12", "--max_seq_length", "256",
-            "--per_device_batch_size", "2", "--logging_steps", "1", "--save_strategy", "steps",
-            "--save_steps", str(STEPS), "--eval_strategy", "no", "--report_to", "none",
-            "--cache_dir", str(workdir / "cache")]
+    return tiny_run_flags(workdir, "unsloth", STEPS)
 
 
 @pytest.fixture(scope="module")

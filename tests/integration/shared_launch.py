@@ -21,6 +21,16 @@ _DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_AD
               "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
 
+def tiny_run_flags(workdir: Path, backend: str, steps: int) -> list[str]:
+    """The tiny preset's flags both shared-launch tests use: 160 synthetic conversations packed into rows of 256
+    tokens, balanced, 2 rows per micro-batch (4 rows per step: 2 x 2 x 1 or 2 x 1 x 2 with --grad_accum)."""
+    return ["--preset", "tiny", "--backend", backend, "--lora_r", "8", "--packing", "balanced",
+            "--max_steps", str(steps), "--train_samples", "160", "--test_samples", "12", "--max_seq_length", "256",
+            "--per_device_batch_size", "2", "--logging_steps", "1", "--save_strategy", "steps",
+            "--save_steps", str(steps), "--eval_strategy", "no", "--report_to", "none",
+            "--cache_dir", str(Path(workdir) / "cache")]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

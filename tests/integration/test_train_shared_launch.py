@@ -13,7 +13,14 @@ import math
 
 import pytest
 
-from tests.integration.shared_launch import launch_env, run_one_process, run_two_nodes, step_losses, summary
+from tests.integration.shared_launch import (
+    launch_env,
+    run_one_process,
+    run_two_nodes,
+    step_losses,
+    summary,
+    tiny_run_flags,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -21,12 +28,7 @@ STEPS = 6
 
 
 def common(workdir) -> list[str]:
-    # 160 synthetic conversations packed into rows of 256 tokens; 4 rows per optimizer step (2 x 2 x 1, 2 x 1 x 2)
-    return ["--preset", "tiny", "--backend", "hf", "--lora_r", "8", "--packing", "balanced",
-            "--max_steps", str(STEPS), "--train_samples", "160", "--test_samples", "12", "--max_seq_length", "256",
-            "--per_device_batch_size", "2", "--logging_steps", "1", "--save_strategy", "steps",
-            "--save_steps", str(STEPS), "--eval_strategy", "no", "--report_to", "none",
-            "--cache_dir", str(workdir / "cache")]
+    return tiny_run_flags(workdir, "hf", STEPS)
 
 
 @pytest.fixture(scope="module")
