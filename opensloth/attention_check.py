@@ -12,7 +12,8 @@ instead: three tiny forwards through the very collator the trainer uses,
 
 and compares B's logits. Boundaries are honoured when ``packed`` is much closer to ``alone`` than ``leak`` is
 (`PackedAttentionCheck`). The three forwards run under ``torch.no_grad`` in the model's current train/eval mode,
-on its device, with every tensor moved there as the Trainer does; they cost milliseconds and change no weight.
+on its device, with every tensor moved there as the Trainer does, and on forked random generators; they cost
+milliseconds and change no weight and no random state.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def _model_device(model: Any) -> torch.device:
 
 def _logits(model: Any, batch: Mapping[str, Any], device: torch.device) -> torch.Tensor:
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"}
-    with torch.no_grad():
+    # A forked RNG: a model with dropout draws nothing from the generators the training goes on with.
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
         out = model(**inputs)
     logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
     if not isinstance(logits, torch.Tensor) or logits.numel() == 0:
@@ -100,6 +103,20 @@ def check_packed_attention(model: Any, collate: Callable[[list[dict]], Mapping[s
     len_b = max(2, total // 5)
     len_a = total - len_b
     a, b = _probe_tokens(model, len_a, len_b)
+    # Dropout (LoRA's above all) would give the three forwards different noise: switch the dropout layers off for
+    # the probe, and only them (the model's own train/eval mode can choose another attention path).
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training]
+    for m in dropouts:
+        m.train(False)
+    try:
+        return _compare(model, collate, a, b, len_a, len_b)
+    finally:
+        for m in dropouts:
+            m.train(True)
+
+
+def _compare(model: Any, collate: Callable[[list[dict]], Mapping[str, Any]], a: np.ndarray, b: np.ndarray,
+             len_a: int, len_b: int) -> PackedAttentionCheck:
     both = np.concatenate([a, b])
     device = _model_device(model)
     packed_batch = collate([{"input_ids": both, "seq_lengths": np.array([len_a, len_b])}])

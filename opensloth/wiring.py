@@ -16,8 +16,9 @@ collator for a training run.
 Then the model is asked whether it keeps packed samples apart (`opensloth.attention_check`: three tiny forwards
 through this very collator). If it does not (Unsloth runs Gemma 2's softcapped attention without packing support
 unless flash-attn is installed, for one), the run switches to ``layout="padded"``: every sample its own row, the
-same samples per step and the same loss, more padding; a warning says so once. Under torchrun every rank checks and
-the ranks agree on the outcome (the most cautious wins), so all ranks collate alike.
+same samples per step and the same loss, more padding; a warning says so once. Under torchrun every rank checks;
+once the process group is up (the Trainer's arguments start it) the ranks agree on the outcome (the most cautious
+wins), and before that each rank's check is the same deterministic probe of the same weights.
 
 The check runs through the very collator and forward the trainer uses, so it also catches boundary keys that get
 lost on the way. (A watch over every training forward was tried and dropped: a labelled single-sample forward

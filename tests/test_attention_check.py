@@ -52,10 +52,12 @@ def test_a_model_that_ignores_its_context_is_inconclusive():
     assert "could not be told apart" in check.describe()
 
 
-def test_probe_leaves_train_mode_and_weights_alone():
-    model = tiny_llama(vocab_size=512).train()
+def test_probe_leaves_train_mode_weights_and_random_state_alone():
+    model = tiny_llama(vocab_size=512, attention_dropout=0.5).train()  # dropout: the forwards draw random numbers
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.random.get_rng_state()
     check_packed_attention(model, PackedDataCollator(layout="flat"))
+    assert torch.equal(torch.random.get_rng_state(), rng)
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
@@ -74,3 +76,20 @@ def test_a_model_without_logits_is_refused():
 
     with pytest.raises(RuntimeError, match="no logits"):
         check_packed_attention(NoLogits(), PackedDataCollator(layout="flat"))
+
+
+def test_lora_dropout_does_not_fool_the_check():
+    """LoRA dropout would give the three forwards different noise; the probe switches dropout layers off (and back)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_qwen3(vocab_size=512), LoraConfig(r=8, lora_dropout=0.9, target_modules=["q_proj",
+                                                                                                      "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)  # trained adapters: dropout on their input now changes the logits
+    model.train()
+    check = check_packed_attention(model, PackedDataCollator(layout="flat"))
+    assert check.honoured and check.packed_error < 1e-5, check.describe()
+    assert all(m.training for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
