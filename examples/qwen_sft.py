@@ -6,9 +6,9 @@
 
 Compared with a single-GPU script, what differs is one import, two calls right after importing Unsloth
 (`ddp_patch()` and `patch_optimize_sft_trainer_batch_samples()`), and `device_map=f"cuda:{local_rank}"` so that every
-process loads its own copy of the model on its own GPU (with the line that reads `local_rank`). The data goes through TRL as usual
-(conversations -> chat template -> tokens); Unsloth batches them padding-free. Environment variables override the
-model, the data (a hub dataset or a JSONL file of chat records) and the step count.
+process loads its own copy of the model on its own GPU (with the line that reads `local_rank`). The data goes through
+TRL as usual (conversations -> chat template -> tokens); Unsloth batches them padding-free. Environment variables
+override the model, the data (a hub dataset or a JSONL file of chat records) and the step count.
 """
 
 import os
