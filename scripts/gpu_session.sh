@@ -10,6 +10,10 @@
 set -u
 LIMIT=${LIMIT:-560}
 STAGES=${STAGES:-"tests 06b arch 8b"}
+TESTS=${TESTS:-"tests/gpu/test_unsloth_families.py tests/gpu/test_ddp_shared_gpu.py"}
+VARIANTS_06B=${VARIANTS_06B:-unsloth_packing,unsloth_auto,opensloth,legacy_rows}
+VARIANTS_8B=${VARIANTS_8B:-unsloth_packing,unsloth_auto,opensloth}
+TESTS_CAP=${TESTS_CAP:-240} B06_CAP=${B06_CAP:-240} ARCH_CAP=${ARCH_CAP:-180}
 OUT=${OUT:-/tmp/out}
 mkdir -p /tmp/site /tmp/c "$OUT" && tar xzf .gpu/site.tgz -C /tmp/site
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OPENSLOTH_SHARED_DATA=$PWD/.gpu/data
@@ -27,25 +31,25 @@ python -c "import opensloth.packing as p; print('packing backends', p.available_
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
 if want tests; then
-  say "GPU tests"; timeout "$(cap 200)" python -m pytest tests/gpu -q -s -p no:cacheprovider > /tmp/c/gpu_tests.log 2>&1
+  say "GPU tests"; timeout "$(cap "$TESTS_CAP")" python -m pytest $TESTS -q -s -p no:cacheprovider > /tmp/c/gpu_tests.log 2>&1
   echo "tests rc $?"; pack
-  grep -E "^(llama|qwen2|qwen3|mistral|gemma2|gemma3)|passed|failed" /tmp/c/gpu_tests.log | cut -c1-240 | head -40
+  grep -E "^(llama|qwen2|qwen3|mistral|gemma2|gemma3)|passed|failed|ddp|rank" /tmp/c/gpu_tests.log | cut -c1-240 | head -40
 fi
 if want 06b; then
-  say "Qwen3-0.6B"; timeout "$(cap 200)" bench --shapes qwen3_0.6b --variants unsloth_packing,unsloth_auto,opensloth \
+  say "Qwen3-0.6B"; timeout "$(cap "$B06_CAP")" bench --shapes qwen3_0.6b --variants "$VARIANTS_06B" \
     --warmup_steps 3 --steps 8 --num_samples 2500 --eval_samples 24 --work_dir /tmp/b06 --out_dir /tmp/c/b06 \
-    --timeout 190 --work_timings > /tmp/c/bench_06b.log 2>&1
+    --timeout $(( B06_CAP - 10 )) --work_timings > /tmp/c/bench_06b.log 2>&1
   echo "0.6b rc $?"; pack; grep -A6 "^| shape" /tmp/c/bench_06b.log
 fi
 if want arch; then
-  say "a small model per family"; timeout "$(cap 150)" bench --shapes arch --variants unsloth_packing,opensloth \
+  say "a small model per family"; timeout "$(cap "$ARCH_CAP")" bench --shapes arch --variants unsloth_packing,opensloth \
     --warmup_steps 2 --steps 4 --num_samples 1200 --eval_samples 12 --work_dir /tmp/barch --out_dir /tmp/c/arch \
-    --timeout 140 > /tmp/c/bench_arch.log 2>&1
+    --timeout $(( ARCH_CAP - 10 )) > /tmp/c/bench_arch.log 2>&1
   echo "arch rc $?"; pack; grep -A16 "^| shape" /tmp/c/bench_arch.log
 fi
 if want 8b && [ "$(left)" -gt 200 ]; then
   say "8B shapes with $(left)s left"; timeout "$(( $(left) - 5 ))" bench --shapes qwen3_8b,llama31_8b \
-    --variants unsloth_packing,unsloth_auto,opensloth --lora_targets all --micro_rows 8 --warmup_steps 2 --steps 4 \
+    --variants "$VARIANTS_8B" --lora_targets all --micro_rows 8 --warmup_steps 2 --steps 4 \
     --num_samples 1500 --eval_samples 8 --work_dir /tmp/b8 --out_dir /tmp/c/b8 --timeout 400 --work_timings \
     --work_max_tokens 8192 > /tmp/c/bench_8b.log 2>&1
   echo "8b rc $?"; pack; grep -A8 "^| shape" /tmp/c/bench_8b.log
