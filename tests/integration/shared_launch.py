@@ -59,7 +59,19 @@ def run_one_process(args: list[str], cwd: Path, env: dict, timeout: float = 600)
 
 
 def run_two_nodes(args: list[str], cwd: Path, env: dict, timeout: float = 600) -> list[subprocess.CompletedProcess]:
-    """Both "nodes" of a 2-rank run, launched together; returns their completed processes (rank 0 first)."""
+    """Both "nodes" of a 2-rank run, launched together; returns their completed processes (rank 0 first).
+
+    The rendezvous port is free when picked but another process may take it before torchrun binds it; a launch that
+    fails on a port already in use is retried once on a new port."""
+    try:
+        return _launch_two_nodes(args, cwd, env, timeout)
+    except AssertionError as err:
+        if "address already in use" not in str(err).lower():
+            raise
+        return _launch_two_nodes(args, cwd, env, timeout)
+
+
+def _launch_two_nodes(args: list[str], cwd: Path, env: dict, timeout: float) -> list[subprocess.CompletedProcess]:
     port = free_port()
     cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(i),
              "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), str(SCRIPT)] + args
