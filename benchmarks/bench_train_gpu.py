@@ -65,7 +65,6 @@ VARIANTS = {
     "opensloth": "OpenSloth packed rows",
     "opensloth_padding_free": "OpenSloth padding-free samples",
     "hf_opensloth": "transformers + PEFT, OpenSloth rows",
-    "legacy_rows": "OpenSloth's former Qwen3-only rows path (enable_unsloth_varlen, compiled blocks)",
 }
 UNSLOTH_VARIANTS = ("unsloth_packing", "unsloth_auto", "opensloth", "opensloth_padding_free")
 DEFAULT_VARIANTS = ("unsloth_packing", "unsloth_auto", "opensloth")
@@ -492,16 +491,6 @@ def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer,
         else:
             batch = padded_batch(cfg)
             layout = "flat (samples)"
-    elif variant == "legacy_rows":
-        from opensloth.collate import UNSLOTH_VARLEN_METADATA, PackedDataCollator
-        from opensloth.patching.unsloth_attention import enable_unsloth_varlen
-
-        enable_unsloth_varlen(model, allow_untested=True)
-        train_ds = load_from_disk(info["rows"])
-        collator = PackedDataCollator(pad_token_id=tokenizer.pad_token_id, layout="rows",
-                                      capacity=cfg.max_seq_length, metadata=UNSLOTH_VARLEN_METADATA)
-        layout = "rows (compiled blocks)"
-        kwargs.update(remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})
     else:
         from opensloth.wiring import wire_batches
 

@@ -19,8 +19,8 @@ browser-rendered page can be checked against the batch. `raw=True` adds the batc
 
 Samples and padding are read with the batch contract's reader (`opensloth.batch.read_batch`, with the tokenizer's
 pad id): boundaries from a 2-D `attention_mask`, per-row `seq_lengths`, `packed_seq_lengths`,
-`cu_seq_lens_q`/`cu_seq_lens_k`, `opensloth_cu_seqlens` or `position_ids`, padding from the collator's record, the
-mask or the contract's padding rule. A batch whose keys contradict each other is shown from its `position_ids` (or
+`cu_seq_lens_q`/`cu_seq_lens_k` or `position_ids`, padding from the collator's record, the mask or the contract's
+padding rule. A batch whose keys contradict each other is shown from its `position_ids` (or
 as one sample per row), with the reason on the page and in the log.
 """
 

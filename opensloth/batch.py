@@ -30,15 +30,11 @@ key                         dtype, shape                meaning
                             int64 (B, L)                1 = real token (padded layout)
 ``use_cache``               bool False                  keeps transformers from building a KV cache, which would hide
                                                         the packed boundaries from its position_ids mask
-``opensloth_cu_seqlens``    int32 CPU (S + 1,)          legacy Unsloth-Qwen3 varlen route
-                                                        (`opensloth.patching.unsloth_attention`), kept until a GPU
-``opensloth_max_seqlen``    int                         benchmark decides its fate: a constant bound on the segments
 ==========================  ==========================  ==============================================================
 
 Metadata presets (``metadata=`` of the collator; each name adds the keys above): `DEFAULT_METADATA`
 (transformers: position_ids + packed_seq_lengths + cu_seq_lens + use_cache), `UNSLOTH_METADATA` (Unsloth's own
-packed protocol: packed_seq_lengths + use_cache), `PADDED_METADATA` (the padded layout: use_cache only),
-`UNSLOTH_VARLEN_METADATA` (the legacy route).
+packed protocol: packed_seq_lengths + use_cache), `PADDED_METADATA` (the padded layout: use_cache only).
 
 Padding is carried explicitly. The collator returns a `PackedBatch`: a plain ``dict`` of the keys above (the model
 receives exactly those) whose ``segments`` attribute records every segment with its padding flag. The record rides
@@ -88,10 +84,7 @@ __all__ = [
     "SEQ_IDX",
     "SEQ_LENGTHS",
     "UNSLOTH_METADATA",
-    "UNSLOTH_VARLEN_METADATA",
     "USE_CACHE",
-    "VARLEN_CU_SEQLENS_KEY",
-    "VARLEN_MAX_SEQLEN_KEY",
     "BatchFormatError",
     "BatchSegments",
     "PackedBatch",
@@ -118,8 +111,6 @@ MAX_LENGTH_K = "max_length_k"
 SEQ_IDX = "seq_idx"
 USE_CACHE = "use_cache"
 SEQ_LENGTHS = "seq_lengths"  # per-row sample lengths: a feature column of packed rows, never a collated key
-VARLEN_CU_SEQLENS_KEY = "opensloth_cu_seqlens"
-VARLEN_MAX_SEQLEN_KEY = "opensloth_max_seqlen"
 IGNORE_INDEX = -100
 
 LAYOUTS = ("flat", "rows", "padded")
@@ -130,22 +121,19 @@ _METADATA_WRITES: dict[str, tuple[str, ...]] = {
     "seq_idx": (SEQ_IDX,),
     "attention_mask": (ATTENTION_MASK,),
     "use_cache": (USE_CACHE,),
-    "opensloth_varlen": (VARLEN_CU_SEQLENS_KEY, VARLEN_MAX_SEQLEN_KEY),
 }
 METADATA_KEYS = tuple(_METADATA_WRITES)
 DEFAULT_METADATA = ("packed_seq_lengths", "cu_seq_lens", "use_cache")
 PADDED_METADATA = ("use_cache",)  # one sample per row needs no packing metadata
 UNSLOTH_METADATA = ("packed_seq_lengths", "use_cache")
-UNSLOTH_VARLEN_METADATA = ("opensloth_varlen", "use_cache")
 
 PADDED_BATCH_KEYS = frozenset({INPUT_IDS, ATTENTION_MASK, LABELS, POSITION_IDS})
 PACKED_BATCH_KEYS = frozenset({INPUT_IDS, LABELS, POSITION_IDS, *(k for ks in _METADATA_WRITES.values() for k in ks)})
-_LENGTH_KEYS = (PACKED_SEQ_LENGTHS, CU_SEQ_LENS_Q, CU_SEQ_LENS_K, VARLEN_CU_SEQLENS_KEY)  # the reader's order
+_LENGTH_KEYS = (PACKED_SEQ_LENGTHS, CU_SEQ_LENS_Q, CU_SEQ_LENS_K)  # the reader's order
 _INT32_MAX = np.iinfo(np.int32).max
 
 
-def check_metadata(metadata: Sequence[str] | str | None, layout: str = "flat",
-                   max_seqlen: int | None = None) -> tuple[str, ...]:
+def check_metadata(metadata: Sequence[str] | str | None, layout: str = "flat") -> tuple[str, ...]:
     """The metadata names for ``layout`` (None: the layout's default), checked; raises ValueError naming the fix."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout = {layout!r}; choose one of {LAYOUTS}")
@@ -156,15 +144,15 @@ def check_metadata(metadata: Sequence[str] | str | None, layout: str = "flat",
     metadata = tuple(metadata)
     unknown = sorted(set(metadata) - set(METADATA_KEYS))
     if unknown:
-        raise ValueError(f"unknown metadata keys {unknown}; choose from {METADATA_KEYS}")
+        removed = ("; 'opensloth_varlen' belonged to the removed Qwen3-only attention route: for Unsloth use "
+                   "metadata=UNSLOTH_METADATA with layout='flat' (what opensloth.wiring.wire_batches picks)"
+                   ) if "opensloth_varlen" in unknown else ""
+        raise ValueError(f"unknown metadata keys {unknown}; choose from {METADATA_KEYS}{removed}")
     if layout == "padded":
         varlen = sorted(set(metadata) - {"use_cache"})
         if varlen:
             raise ValueError(f"layout='padded' puts one sample in each row and carries its own 2-D attention_mask; "
                              f"the packing metadata {varlen} does not apply: use metadata=('use_cache',)")
-    if max_seqlen is not None and "opensloth_varlen" not in metadata:
-        raise ValueError(f"max_seqlen = {max_seqlen} is the bound reported as {VARLEN_MAX_SEQLEN_KEY}; add "
-                         f"'opensloth_varlen' to metadata, or leave max_seqlen None")
     return metadata
 
 
@@ -186,16 +174,15 @@ def metadata_in(batch: Mapping[str, Any]) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def metadata_tensors(segments: Segments, metadata: Sequence[str], *, mask_dtype: torch.dtype = torch.bool,
-                     layout: str = "flat", max_seqlen: int | None = None) -> dict[str, Any]:
+def metadata_tensors(segments: Segments, metadata: Sequence[str], *,
+                     mask_dtype: torch.dtype = torch.bool) -> dict[str, Any]:
     """The metadata keys of ``metadata`` (names of `METADATA_KEYS`) for ``segments`` (padding segments included).
 
-    ``opensloth_max_seqlen`` is ``max_seqlen`` when given, else the row width for ``layout="rows"``, else the longest
-    segment. Raises ValueError when the batch is too large for int32 metadata or a segment is longer than
-    ``max_seqlen``. The caller validated ``metadata`` (`check_metadata`).
+    Raises ValueError when the batch is too large for int32 metadata. The caller validated ``metadata``
+    (`check_metadata`).
     """
     out: dict[str, Any] = {}
-    if "packed_seq_lengths" in metadata or "cu_seq_lens" in metadata or "opensloth_varlen" in metadata:
+    if "packed_seq_lengths" in metadata or "cu_seq_lens" in metadata:
         cu = cu_seq_lens_from_lengths(segments)  # int32, checks the batch fits int32 indexing
         longest = int(segments.lengths.max())
         if "packed_seq_lengths" in metadata:
@@ -205,19 +192,6 @@ def metadata_tensors(segments: Segments, metadata: Sequence[str], *, mask_dtype:
             out[CU_SEQ_LENS_K] = cu
             out[MAX_LENGTH_Q] = longest
             out[MAX_LENGTH_K] = longest
-        if "opensloth_varlen" in metadata:
-            bound = max_seqlen if max_seqlen is not None else segments.width if layout == "rows" else longest
-            if longest > bound:
-                pad_note = " (a row's padding tail is a segment too; leave max_seqlen None for rows)" \
-                    if layout == "rows" else ""
-                raise ValueError(
-                    f"a segment of {longest} tokens is longer than max_seqlen = {bound}{pad_note}; FlashAttention "
-                    f"would leave its tail uncomputed. Raise max_seqlen to at least {longest} (max_seq_length is the "
-                    "usual bound)"
-                )
-            # A separate tensor from cu_seq_lens_q: the trainer moves each key to the GPU on its own.
-            out[VARLEN_CU_SEQLENS_KEY] = cu.clone() if "cu_seq_lens" in metadata else cu
-            out[VARLEN_MAX_SEQLEN_KEY] = int(bound)
     if "seq_idx" in metadata:
         ids = segments.segment_ids(per_row=True).astype(np.int32)
         out[SEQ_IDX] = torch.from_numpy(ids).reshape(segments.n_rows, segments.width)
@@ -265,9 +239,9 @@ class BatchFormatError(ValueError):
 class BatchSegments:
     """What `read_batch` found. ``segments``: every segment of the (P, L) batch in flattened order with its padding
     flag. ``layout``: ``"flat"`` (one row), ``"rows"`` or ``"padded"``. ``source``: the key the boundaries came from
-    (``"packed_seq_lengths"``, ``"cu_seq_lens_q"``, ``"cu_seq_lens_k"``, ``"opensloth_cu_seqlens"``, ``"seq_lengths"``,
-    ``"position_ids"``, ``"attention_mask"``, or ``"none"``: one segment per row). ``padding``: how padding was
-    known (``"record"``, ``"attention_mask"``, ``"seq_lengths"``, ``"rule"``)."""
+    (``"packed_seq_lengths"``, ``"cu_seq_lens_q"``, ``"cu_seq_lens_k"``, ``"seq_lengths"``, ``"position_ids"``,
+    ``"attention_mask"``, or ``"none"``: one segment per row). ``padding``: how padding was known (``"record"``,
+    ``"attention_mask"``, ``"seq_lengths"``, ``"rule"``)."""
 
     segments: Segments
     layout: str
@@ -419,11 +393,11 @@ def read_batch(batch: Mapping[str, Any], *, pad_token_id: int | None = None,
     (padded and padding-free), Unsloth's keys or a hand-made dict of the contract's keys (module docstring).
 
     Boundaries come from, in order: a 2-D ``attention_mask`` (padded layout), ``seq_lengths`` (per-row real
-    samples), ``packed_seq_lengths``, ``cu_seq_lens_q``, ``cu_seq_lens_k``, ``opensloth_cu_seqlens``,
-    ``position_ids`` (a segment starts wherever a position is not the previous plus one), else one segment per row;
-    when lengths come from one of the length keys, the other length keys must agree and ``position_ids`` must
-    restart where they say. ``pad_token_id`` sharpens the padding rule. Raises `BatchFormatError` (a ValueError)
-    for keys that contradict each other.
+    samples), ``packed_seq_lengths``, ``cu_seq_lens_q``, ``cu_seq_lens_k``, ``position_ids`` (a segment starts
+    wherever a position is not the previous plus one), else one segment per row; when lengths come from one of the
+    length keys, the other length keys must agree and ``position_ids`` must restart where they say.
+    ``pad_token_id`` sharpens the padding rule. Raises `BatchFormatError` (a ValueError) for keys that contradict
+    each other.
     """
     if not isinstance(batch, Mapping) or INPUT_IDS not in batch:
         keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__

@@ -26,9 +26,7 @@ Metadata (``metadata=``; default ``DEFAULT_METADATA``, ``PADDED_METADATA`` for `
 position_ids-only path: transformers 5.x builds the block-causal mask from ``position_ids`` only when
 ``attention_mask`` is None *and* there is no KV cache, and Qwen3/Llama create a ``DynamicCache`` whenever
 ``use_cache`` is true (the config default), in training too; TRL's SFTTrainer sets it itself, a plain ``Trainer``
-does not. ``"opensloth_varlen"`` (``UNSLOTH_VARLEN_METADATA``, with ``max_seqlen``) is the legacy Unsloth-Qwen3 route
-of `opensloth.patching.unsloth_attention`; ``opensloth_max_seqlen`` is a constant bound (the row width for
-``layout="rows"``, ``max_seqlen=`` when given, else the longest segment) so that torch.compile does not recompile.
+does not.
 
 Which layout: flash-attention (``cu_seq_lens``) and Unsloth (``packed_seq_lengths``) read the metadata and build no
 mask, so ``layout="flat"`` costs nothing quadratic. transformers' sdpa/eager paths instead materialise a dense
@@ -58,8 +56,7 @@ Function-level API for code that rebuilds batches (the trainer integration)::
 
     collate_samples(features, layout="flat" | "rows" | "padded", capacity=None, pack=False, rows=None,
                     pad_token_id=0, pad_to_multiple_of=None, metadata=None, mask_dtype=torch.bool,
-                    ignore_index=-100, seq_lengths_key="seq_lengths", require_seq_lengths=False, backend=None,
-                    max_seqlen=None)
+                    ignore_index=-100, seq_lengths_key="seq_lengths", require_seq_lengths=False, backend=None)
 
 ``rows`` (rows layout only) places the samples explicitly: a PackPlan or a list of index sequences over the
 samples in input order (the samples of every feature, split by ``seq_lengths``), each sample exactly once; row r
@@ -84,9 +81,7 @@ from opensloth.batch import (
     METADATA_KEYS,
     PADDED_METADATA,
     POSITION_IDS,
-    UNSLOTH_VARLEN_METADATA,
-    VARLEN_CU_SEQLENS_KEY,
-    VARLEN_MAX_SEQLEN_KEY,
+    UNSLOTH_METADATA,
     PackedBatch,
     check_metadata,
     metadata_tensors,
@@ -99,9 +94,7 @@ __all__ = [
     "LAYOUTS",
     "METADATA_KEYS",
     "PADDED_METADATA",
-    "UNSLOTH_VARLEN_METADATA",
-    "VARLEN_CU_SEQLENS_KEY",
-    "VARLEN_MAX_SEQLEN_KEY",
+    "UNSLOTH_METADATA",
     "PackedBatch",
     "PackedDataCollator",
     "collate_samples",
@@ -316,12 +309,10 @@ def _assemble(
 
 
 def _check_options(layout: str, capacity: Any, pack: bool, rows: Any, pad_to_multiple_of: Any,
-                   metadata: Sequence[str], mask_dtype: Any,
-                   max_seqlen: Any = None) -> tuple[int | None, int | None, tuple[str, ...]]:
+                   metadata: Sequence[str], mask_dtype: Any) -> tuple[int | None, int | None, tuple[str, ...]]:
     if layout not in LAYOUTS:
         raise ValueError(f"layout = {layout!r}; choose one of {LAYOUTS}")
-    for name, value in (("capacity", capacity), ("pad_to_multiple_of", pad_to_multiple_of),
-                        ("max_seqlen", max_seqlen)):
+    for name, value in (("capacity", capacity), ("pad_to_multiple_of", pad_to_multiple_of)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0):
             raise ValueError(f"{name} = {value!r} must be a positive integer or None")
     if layout != "rows" and (pack or rows is not None):
@@ -334,7 +325,7 @@ def _check_options(layout: str, capacity: Any, pack: bool, rows: Any, pad_to_mul
         raise ValueError("pass either pack=True (pack_lengths chooses the rows) or rows= (explicit rows), not both")
     if pack and capacity is None:
         raise ValueError("pack=True needs capacity (the row width to pack samples into)")
-    metadata = check_metadata(metadata, layout, max_seqlen)
+    metadata = check_metadata(metadata, layout)
     if not isinstance(mask_dtype, torch.dtype) or not (mask_dtype == torch.bool or mask_dtype.is_floating_point):
         raise TypeError(f"mask_dtype must be torch.bool or a floating torch dtype, got {mask_dtype!r}")
     return (None if capacity is None else int(capacity),
@@ -356,7 +347,6 @@ def collate_samples(
     seq_lengths_key: str = "seq_lengths",
     require_seq_lengths: bool = False,
     backend: str | None = None,
-    max_seqlen: int | None = None,
 ) -> dict[str, Any]:
     """Collate packed rows or unpacked samples into one batch (see the module docstring for the format).
 
@@ -364,18 +354,17 @@ def collate_samples(
     row, L the longest sample. ``layout="rows"``: (P, L) with
     L = ``capacity`` (default: the longest row, rounded up to ``pad_to_multiple_of``); rows are the features,
     or the samples repacked by ``pack_lengths(lengths, capacity)`` with ``pack=True`` (``backend`` picks the
-    packing backend), or the explicit ``rows`` assignment. ``max_seqlen`` (with the ``"opensloth_varlen"``
-    metadata) is the constant reported as ``opensloth_max_seqlen``. Raises ValueError for empty input, lengths that
-    do not add up to a row, rows over capacity, a segment longer than ``max_seqlen``, bad options.
+    packing backend), or the explicit ``rows`` assignment. Raises ValueError for empty input, lengths that do not
+    add up to a row, rows over capacity, bad options.
     """
     capacity, pad_to_multiple_of, metadata = _check_options(layout, capacity, pack, rows, pad_to_multiple_of,
-                                                            metadata, mask_dtype, max_seqlen)
+                                                            metadata, mask_dtype)
     return _collate(features, layout, capacity, pack, rows, pad_token_id, pad_to_multiple_of, metadata, mask_dtype,
-                    ignore_index, seq_lengths_key, require_seq_lengths, backend, max_seqlen)
+                    ignore_index, seq_lengths_key, require_seq_lengths, backend)
 
 
 def _collate(features, layout, capacity, pack, rows, pad_token_id, pad_to_multiple_of, metadata, mask_dtype,
-             ignore_index, seq_lengths_key, require_seq_lengths, backend, max_seqlen=None) -> dict[str, Any]:
+             ignore_index, seq_lengths_key, require_seq_lengths, backend) -> dict[str, Any]:
     g = _gather(features, seq_lengths_key, ignore_index, require_seq_lengths)
     n_samples = g.sample_lengths.shape[0]
     order = None
@@ -414,7 +403,7 @@ def _collate(features, layout, capacity, pack, rows, pad_token_id, pad_to_multip
         LABELS: torch.from_numpy(grid_labels).reshape(shape),
         POSITION_IDS: torch.from_numpy(seg.positions()).reshape(shape),
     }, segments=seg)
-    batch.update(metadata_tensors(seg, metadata, mask_dtype=mask_dtype, layout=layout, max_seqlen=max_seqlen))
+    batch.update(metadata_tensors(seg, metadata, mask_dtype=mask_dtype))
     return batch
 
 
@@ -460,20 +449,16 @@ class PackedDataCollator:
     require_seq_lengths: bool = False
     backend: str | None = None
     return_tensors: str = "pt"
-    max_seqlen: int | None = None
 
     def __post_init__(self) -> None:
         if self.return_tensors != "pt":
             raise ValueError(f"return_tensors = {self.return_tensors!r}; only 'pt' (torch) is supported")
         self.capacity, self.pad_to_multiple_of, self.metadata = _check_options(
-            self.layout, self.capacity, self.pack, None, self.pad_to_multiple_of, self.metadata, self.mask_dtype,
-            self.max_seqlen)
-        if self.max_seqlen is not None:
-            self.max_seqlen = int(self.max_seqlen)
+            self.layout, self.capacity, self.pack, None, self.pad_to_multiple_of, self.metadata, self.mask_dtype)
 
     def __call__(self, features: Sequence[Mapping], return_tensors: str | None = None) -> dict[str, Any]:
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors = {return_tensors!r}; only 'pt' (torch) is supported")
         return _collate(features, self.layout, self.capacity, self.pack, None, self.pad_token_id,
                         self.pad_to_multiple_of, self.metadata, self.mask_dtype, self.ignore_index,
-                        self.seq_lengths_key, self.require_seq_lengths, self.backend, self.max_seqlen)
+                        self.seq_lengths_key, self.require_seq_lengths, self.backend)

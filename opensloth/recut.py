@@ -51,7 +51,6 @@ from opensloth.batch import (
     POSITION_IDS,
     SEQ_IDX,
     USE_CACHE,
-    VARLEN_MAX_SEQLEN_KEY,
     BatchFormatError,
     BatchSegments,
     PackedBatch,
@@ -146,17 +145,11 @@ def _rebuilt_metadata(batches: list[dict], seg: Segments, names: tuple[str, ...]
     """The metadata keys of ``names`` that the window's micro-batches carry, written for ``seg`` by the contract's
     writer and given the dtype, device and type (tensor or int) of the first micro-batch's values."""
     like = batches[0]
-    bound = None
-    if VARLEN_MAX_SEQLEN_KEY in like:
-        # The largest bound of the window covers every sample the new micro-batch can hold (each micro-batch's bound
-        # covers its own samples); when the collator was given a constant, it stays that constant (an int that
-        # changed between batches would recompile Unsloth's compiled blocks).
-        bound = max(int(b[VARLEN_MAX_SEQLEN_KEY]) for b in batches)
     mask = like.get(ATTENTION_MASK)
     mask_dtype = mask.dtype if isinstance(mask, torch.Tensor) else torch.bool
     try:
-        written = metadata_tensors(seg, names, mask_dtype=mask_dtype, max_seqlen=bound)
-    except ValueError as exc:  # e.g. a hand-made opensloth_max_seqlen below a segment of the window
+        written = metadata_tensors(seg, names, mask_dtype=mask_dtype)
+    except ValueError as exc:  # e.g. a window too large for int32 metadata
         raise _Passthrough(str(exc)) from None
     out: dict[str, Any] = {}
     for key, value in written.items():

@@ -11,7 +11,7 @@ set -u
 LIMIT=${LIMIT:-560}
 STAGES=${STAGES:-"tests 06b arch 8b"}
 TESTS=${TESTS:-"tests/gpu/test_unsloth_families.py tests/gpu/test_ddp_shared_gpu.py"}
-VARIANTS_06B=${VARIANTS_06B:-unsloth_packing,unsloth_auto,opensloth,legacy_rows}
+VARIANTS_06B=${VARIANTS_06B:-unsloth_packing,unsloth_auto,opensloth}
 VARIANTS_8B=${VARIANTS_8B:-unsloth_packing,unsloth_auto,opensloth}
 TESTS_CAP=${TESTS_CAP:-240} B06_CAP=${B06_CAP:-240} ARCH_CAP=${ARCH_CAP:-180}
 OUT=${OUT:-/tmp/out}

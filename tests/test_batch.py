@@ -20,7 +20,6 @@ from opensloth.batch import (
     METADATA_KEYS,
     PADDED_METADATA,
     UNSLOTH_METADATA,
-    UNSLOTH_VARLEN_METADATA,
     BatchFormatError,
     PackedBatch,
     metadata_in,
@@ -36,7 +35,6 @@ PAD = 0
 PACKED_PRESETS = {
     "default": DEFAULT_METADATA,
     "unsloth": UNSLOTH_METADATA,
-    "unsloth_varlen": UNSLOTH_VARLEN_METADATA,
     "every_key": METADATA_KEYS,
     "none": (),
 }
@@ -130,7 +128,7 @@ def test_packed_layouts_round_trip(case, preset, record):
     assert read.layout == ("flat" if want[3] == 1 else "rows")
     has_pad = any(want[1])
     assert read.padding == ("record" if record else "rule")
-    length_keys = ("packed_seq_lengths", "cu_seq_lens_q", "opensloth_cu_seqlens")
+    length_keys = ("packed_seq_lengths", "cu_seq_lens_q")
     expected_source = next((k for k in length_keys if k in batch), "position_ids")
     assert read.source == expected_source
     assert read.real_lengths().tolist() == [n for n, p in zip(want[0], want[1], strict=True) if not p]
@@ -163,7 +161,7 @@ def test_writer_output_is_read_back_from_hand_built_tensors(preset):
     labels.reshape(-1)[seg.starts()] = IGNORE
     batch = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
              "position_ids": torch.from_numpy(seg.positions()).reshape(shape)}
-    batch.update(metadata_tensors(seg, preset, layout="rows"))
+    batch.update(metadata_tensors(seg, preset))
     read = read_batch(batch, pad_token_id=PAD)
     assert read.segments.lengths.tolist() == [3, 2, 3, 5, 3]
     assert read.segments.is_pad.tolist() == [False, False, True, False, True]
@@ -172,8 +170,6 @@ def test_writer_output_is_read_back_from_hand_built_tensors(preset):
         assert batch["packed_seq_lengths"].dtype == torch.int32 and int(batch["packed_seq_lengths"].sum()) == 16
     if "cu_seq_lens" in preset:
         assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 8, 13, 16] and batch["max_length_q"] == 5
-    if "opensloth_varlen" in preset:
-        assert batch["opensloth_max_seqlen"] == 8  # the row width for the rows layout
     if "seq_idx" in preset:
         assert batch["seq_idx"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 1, 1, 1]]
 
@@ -381,3 +377,37 @@ def test_not_a_batch():
     with pytest.raises(BatchFormatError, match="input_ids"):
         read_batch({"labels": torch.zeros(1, 3)})
     assert issubclass(BatchFormatError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metadata names
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", ["check_metadata", "collate_samples", "PackedDataCollator"])
+def test_the_removed_opensloth_varlen_name_is_refused_with_the_valid_ones(build):
+    """The Qwen3-only attention route and its ``"opensloth_varlen"`` metadata are gone: asking for it is an error
+    that lists the names there are and points to Unsloth's own protocol, never a batch without packing metadata."""
+    from opensloth.batch import check_metadata
+    from opensloth.collate import PackedDataCollator
+
+    calls = {
+        "check_metadata": lambda: check_metadata(("opensloth_varlen", "use_cache"), "rows"),
+        "collate_samples": lambda: collate_samples(features([3, 4]), metadata=("opensloth_varlen", "use_cache")),
+        "PackedDataCollator": lambda: PackedDataCollator(layout="rows", capacity=8, metadata="opensloth_varlen"),
+    }
+    with pytest.raises(ValueError, match=r"unknown metadata keys \['opensloth_varlen'\]") as info:
+        calls[build]()
+    message = str(info.value)
+    for name in ("packed_seq_lengths", "cu_seq_lens", "seq_idx", "attention_mask", "use_cache"):
+        assert repr(name) in message
+    assert "UNSLOTH_METADATA" in message and "layout='flat'" in message
+
+
+def test_an_unknown_metadata_name_lists_the_valid_ones():
+    from opensloth.batch import check_metadata
+
+    with pytest.raises(ValueError, match=r"unknown metadata keys \['cu_seqlens'\]; choose from \(") as info:
+        check_metadata(("packed_seq_lengths", "cu_seqlens"))
+    assert "opensloth_varlen" not in str(info.value)  # the removal note only where that name was asked for
+    assert "opensloth_varlen" not in METADATA_KEYS

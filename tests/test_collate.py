@@ -335,13 +335,3 @@ def test_real_data_tokens_and_labels_survive(real_samples, layout, qwen3_tokeniz
     real = [d for d in decoded if any(t != pad for t in d)]  # drop the padding segments
     assert sorted(map(tuple, real)) == sorted(tuple(s["input_ids"]) for s in real_samples)
 
-
-def test_rows_max_seqlen_below_the_padding_tail_says_why():
-    """In the rows layout a row's padding tail is a segment of its own, so a max_seqlen below it is refused with a
-    message that names the padding (the samples themselves fit)."""
-    from opensloth.collate import UNSLOTH_VARLEN_METADATA, collate_samples
-
-    with pytest.raises(ValueError, match=r"61 tokens is longer than max_seqlen = 16 \(a row's padding tail is a "
-                                         r"segment too; leave max_seqlen None for rows\)"):
-        collate_samples([{"input_ids": [1, 2, 3]}], layout="rows", capacity=64, metadata=UNSLOTH_VARLEN_METADATA,
-                        max_seqlen=16)

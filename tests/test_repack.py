@@ -437,17 +437,20 @@ def test_one_row_micro_batches_drop_their_padding_when_recut():
     assert max(b["input_ids"].shape[1] for b in out) <= 64
 
 
-def _varlen_rows(rng, lengths, capacity=64):
-    from opensloth.collate import UNSLOTH_VARLEN_METADATA, collate_samples
+def _unsloth_rows(rng, lengths, capacity=64):
+    from opensloth.collate import UNSLOTH_METADATA, collate_samples
 
     return collate_samples([{"input_ids": rand_sample(rng, n, prompt=1)[0]} for n in lengths], layout="rows",
-                           capacity=capacity, pack=True, metadata=UNSLOTH_VARLEN_METADATA)
+                           capacity=capacity, pack=True, metadata=UNSLOTH_METADATA)
 
 
-def _check_varlen_keys(batch):
-    from opensloth.masks import lengths_from_cu_seq_lens, position_ids_from_lengths
+def _check_packed_seq_lengths(batch):
+    """packed_seq_lengths (Unsloth's key) covers the (P, L) batch, never crosses a row, and agrees with
+    position_ids; read with an oracle independent of the code under test."""
+    from opensloth.masks import position_ids_from_lengths
 
-    lengths = lengths_from_cu_seq_lens(batch["opensloth_cu_seqlens"]).tolist()
+    lengths = batch["packed_seq_lengths"].tolist()
+    assert batch["packed_seq_lengths"].dtype == torch.int32
     width = batch["input_ids"].shape[1]
     rows, row, used = [], [], 0
     for n in lengths:  # segments never cross a row
@@ -462,9 +465,11 @@ def _check_varlen_keys(batch):
 
 
 @pytest.mark.parametrize("shapes", [[[40, 45], [50, 30, 20], [10, 12]], [[60], [5, 6], [7]]], ids=["rows", "one-row"])
-def test_unsloth_varlen_keys_are_rebuilt_by_the_recut(shapes):
+def test_unsloth_keys_are_rebuilt_by_the_recut(shapes):
+    """Micro-batches collated with Unsloth's own packed protocol (UNSLOTH_METADATA) come out of the re-cut with the
+    same keys, packed_seq_lengths rebuilt for the new segments and use_cache still False."""
     rng = np.random.default_rng(5)
-    batches = [_varlen_rows(rng, lengths) for lengths in shapes]
+    batches = [_unsloth_rows(rng, lengths) for lengths in shapes]
     if len({b["input_ids"].shape for b in batches}) > 1:
         batches = batches[:2]
     out, stats = repack_window(batches)
@@ -473,30 +478,27 @@ def test_unsloth_varlen_keys_are_rebuilt_by_the_recut(shapes):
     assert sorted(s for s in window_samples(out) if not _is_padding(s)) == real
     assert num_items(out) == num_items(batches)
     for b in out:
-        assert set(b) == set(batches[0])
-        assert b["opensloth_max_seqlen"] == batches[0]["opensloth_max_seqlen"]  # a constant: no recompiles
-        _check_varlen_keys(b)
+        assert set(b) == set(batches[0]) == {"input_ids", "labels", "position_ids", "packed_seq_lengths", "use_cache"}
+        assert b["use_cache"] is False
+        _check_packed_seq_lengths(b)
 
 
-def test_flat_recut_keeps_max_seqlen_an_upper_bound_of_every_segment():
-    """Without a constant max_seqlen the flat collator reports each micro-batch's longest segment; a recut that moves
-    a long sample into another micro-batch must carry a bound that still covers it (FlashAttention would otherwise
-    leave the sample's tail uncomputed)."""
-    from opensloth.collate import UNSLOTH_VARLEN_METADATA, PackedDataCollator
-    from opensloth.masks import lengths_from_cu_seq_lens
+def test_flat_unsloth_batches_from_the_collator_are_recut_with_their_keys():
+    """The GPU path's batches (opensloth.wiring: flat layout, UNSLOTH_METADATA) from the collator itself: a re-cut
+    that moves samples between micro-batches rebuilds packed_seq_lengths for every new micro-batch."""
+    from opensloth.collate import UNSLOTH_METADATA, PackedDataCollator
 
-    collator = PackedDataCollator(layout="flat", metadata=UNSLOTH_VARLEN_METADATA)
+    collator = PackedDataCollator(layout="flat", metadata=UNSLOTH_METADATA)
     windows = [[[102, 54, 62], [15], [35], [130, 182, 101, 121]], [[180, 3], [4, 5], [6, 7], [8, 9]]]
     changed = 0
     for window in windows:
         batches = [collator([{"input_ids": list(range(1, n + 1))} for n in lens]) for lens in window]
         out, stats = repack_window(batches)
         changed += stats.changed
-        bound = max(b["opensloth_max_seqlen"] for b in batches)
+        _check_flat(out, batches)
         for b in out:
-            assert int(lengths_from_cu_seq_lens(b["opensloth_cu_seqlens"]).max()) <= b["opensloth_max_seqlen"]
-            assert b["opensloth_max_seqlen"] == bound  # one value per window
-    assert changed  # the recut did move samples, so the bound was rebuilt
+            assert set(b) == set(batches[0]) and b["use_cache"] is False
+    assert changed  # the recut did move samples, so the keys were rebuilt
 
 
 @pytest.mark.parametrize("shapes", [[[60, 58], [8] * 15, [30, 30, 31]], [[60], [5, 6], [7]]], ids=["rows", "one-row"])

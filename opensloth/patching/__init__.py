@@ -14,10 +14,9 @@ module on first use:
   state (re-cut switch, work model, last window's stats, balanced sampler, step figures).
 - ``apply_loss_scaling_fix()`` (`opensloth.patching.loss_scaling`), ``use_balanced_sampler(trainer)``
   (`opensloth.patching.dataloader`), ``attach_step_figures(trainer)`` (`opensloth.patching.metrics`).
-- ``enable_unsloth_varlen(model)`` (`opensloth.patching.unsloth_attention`): the legacy Unsloth-Qwen3 route for
-  batches collated with ``opensloth.batch.UNSLOTH_VARLEN_METADATA``, kept until a GPU benchmark decides its fate.
-  The wired GPU path is `opensloth.wiring` with ``switch_on_unsloth_varlen()`` (`opensloth.patching.unsloth_varlen`;
-  ``patch_unsloth_torch_varlen`` is its former name).
+- ``switch_on_unsloth_varlen()`` (`opensloth.patching.unsloth_varlen`; ``patch_unsloth_torch_varlen`` is its former
+  name): on torch < 2.12, switches on Unsloth's own FlashAttention-2 varlen branch, which the GPU path
+  (`opensloth.wiring`: flat rows with ``packed_seq_lengths``) relies on. OpenSloth patches no Unsloth attention code.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ __all__ = [
     "add_pre_train_hook",
     "apply_loss_scaling_fix",
     "attach_step_figures",
-    "enable_unsloth_varlen",
     "patch_optimize_sft_trainer_batch_samples",
     "patch_unsloth_torch_varlen",
     "switch_on_unsloth_varlen",
@@ -46,7 +44,6 @@ _WHERE = {
     "attach_step_figures": "opensloth.patching.metrics",
     "apply_loss_scaling_fix": "opensloth.patching.loss_scaling",
     "use_balanced_sampler": "opensloth.patching.dataloader",
-    "enable_unsloth_varlen": "opensloth.patching.unsloth_attention",
     "patch_unsloth_torch_varlen": "opensloth.patching.unsloth_varlen",
     "switch_on_unsloth_varlen": "opensloth.patching.unsloth_varlen",
 }
