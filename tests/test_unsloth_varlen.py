@@ -129,3 +129,13 @@ def test_ddp_patch_switches_it_on_for_unsloth_on_a_gpu(install, monkeypatch):
         dp.ddp_patch(balance_ranks=False, step_figures=False, token_weighted_eval=False)
         assert unsloth_varlen.unsloth_varlen_state() == (want or "fallback"), (device, with_unsloth)
         assert (dispatch._TORCH_VARLEN_ATTN is not None) == (want is not None)
+
+
+def test_the_former_name_and_import_path_still_switch_it_on(install):
+    """../shared/gpu/README.md and older scripts call opensloth.patching.unsloth_attention.patch_unsloth_torch_varlen:
+    that path now reaches the same switch and reports "patched" where it switched."""
+    from opensloth.patching.unsloth_attention import patch_unsloth_torch_varlen
+
+    dispatch = install(fake_dispatch())
+    assert patch_unsloth_torch_varlen() == "patched" and dispatch._LEAN_VARLEN is True
+    assert patch_unsloth_torch_varlen() == "already"

@@ -15,8 +15,9 @@ module on first use:
 - ``apply_loss_scaling_fix()`` (`opensloth.patching.loss_scaling`), ``use_balanced_sampler(trainer)``
   (`opensloth.patching.dataloader`), ``attach_step_figures(trainer)`` (`opensloth.patching.metrics`).
 - ``switch_on_unsloth_varlen()`` (`opensloth.patching.unsloth_varlen`; ``patch_unsloth_torch_varlen`` is its former
-  name): on torch < 2.12, switches on Unsloth's own FlashAttention-2 varlen branch, which the GPU path
-  (`opensloth.wiring`: flat rows with ``packed_seq_lengths``) relies on. OpenSloth patches no Unsloth attention code.
+  name, importable from ``opensloth.patching.unsloth_attention`` too): on torch < 2.12, switches on Unsloth's own
+  FlashAttention-2 varlen branch, which the GPU path (`opensloth.wiring`: flat rows with ``packed_seq_lengths``)
+  relies on. OpenSloth patches no Unsloth attention code.
 """
 
 from __future__ import annotations
