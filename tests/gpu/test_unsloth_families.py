@@ -3,8 +3,12 @@
 Models: one small randomly initialised model per family (Llama, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3 text;
 4 layers, hidden 256, 4 query / 2 KV heads of 64, the real Qwen3 tokenizer and vocabulary), saved and loaded with
 ``FastLanguageModel.from_pretrained`` in 16 bits with LoRA r 8 on every linear layer of the blocks and Unsloth's
-gradient checkpointing. ``initializer_range=0.2`` makes a random model's predictions depend on its context (with
-0.02 every token's loss is close to ln(vocab) whatever it attends to, and a test of attention could hardly fail).
+gradient checkpointing. ``initializer_range=0.05``: with the default 0.02 every token's loss is close to ln(vocab)
+whatever it attends to, and with 0.2 the random Llama, Qwen2 and Mistral models are chaotic in bf16 (two equivalent
+attention kernels, SDPA and eager, already give LoRA gradients 39% apart for Llama; measured on CPU, 2026-12-07),
+so no gradient check could pass on them. At 0.05 (CPU, bf16, transformers 5.17, these eight samples) SDPA vs eager
+moves the loss by at most 3.6e-5 and the gradients by 0.7% to 1.05% relative L2 for every family, while letting the
+documents attend to each other moves the gradients by 107% to 130% (the loss by 1.3e-4 to 5.4e-3).
 
 Oracle: each sample alone (one sample per micro-batch, eval mode, no packing metadata). Under test: the samples in
 one packed row, collated by the collator `opensloth.wiring.wire_batches` chose for the family (Unsloth's flat
@@ -13,13 +17,11 @@ The packed loss must equal the token-weighted mean of the per-sample losses and 
 token-weighted sum.
 
 Tolerances (bf16): the same bf16 weights on both sides, so the differences are bf16 activations rounded in kernels
-of other shapes (varlen FlashAttention over the row against attention over one sample, other matmul shapes), each
-at most 2^-8 relative and averaging out over ~2,000 trained tokens. The Qwen3 QLoRA version of this test measured
-4.7e-5 relative in the loss and 1.4e-2 relative L2 in the gradients on an H100 (2026-11-24), while documents that
-attend to each other moved the loss by 4e-3 relative and the gradients by 0.63. Loss within 2e-3 relative and
-gradients within 5%: well above bf16 noise, and the negative control (the same row with positions running on and
-no boundary metadata: what packing looks like when attention ignores it) must miss both by 3x, which shows that
-each test can fail.
+of other shapes (varlen FlashAttention over the row against attention over one sample, other matmul shapes). Loss
+within 5e-4 relative (14x the kernel noise above) and gradients within 5% relative L2 (5x the noise, 20x below
+what a leak does). The negative control (the same row with positions running on and no boundary metadata: what
+packing looks like when attention ignores it) must miss the gradient tolerance by 3x, which shows that the test
+can fail; its loss is printed but not asserted, because for Gemma a leak moves the loss by less than 5e-4.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 
-LOSS_RTOL = 2e-3
+LOSS_RTOL = 5e-4
 GRAD_RTOL = 5e-2
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3")
 _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
@@ -47,7 +49,7 @@ def _build(family: str, tokenizer, path) -> None:
     config_cls, model_cls, extra = _CLASSES[family]
     config = getattr(transformers, config_cls)(
         vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, initializer_range=0.2,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, initializer_range=0.05,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         **extra)
     torch.manual_seed(0)
@@ -65,7 +67,9 @@ def family_model(request, tmp_path_factory, qwen3_tokenizer):
 
     path = tmp_path_factory.mktemp(f"{request.param}_random")
     _build(request.param, qwen3_tokenizer, path)
-    model, tokenizer = FastLanguageModel.from_pretrained(str(path), max_seq_length=2048, load_in_4bit=False,
+    # 4096: the negative control's row of the eight samples (about 2,100 tokens) carries no packing metadata, and
+    # Unsloth cuts such an input at max_seq_length without cutting its labels
+    model, tokenizer = FastLanguageModel.from_pretrained(str(path), max_seq_length=4096, load_in_4bit=False,
                                                          dtype=torch.bfloat16)
     model = FastLanguageModel.get_peft_model(
         model, r=8, lora_alpha=16, lora_dropout=0.0, random_state=0, use_gradient_checkpointing="unsloth",
@@ -152,7 +156,6 @@ def test_packed_row_equals_samples_alone(family_model, samples):
     wrong_loss, wrong_grads = _forward_backward(model, flat, train=True)
     print(f"{family} control: loss {wrong_loss:.6f} (rel {abs(wrong_loss - ref_loss) / ref_loss:.2e}); grad rel err "
           f"{_rel(wrong_grads, ref_grads):.2e}")
-    assert abs(wrong_loss - ref_loss) > 3 * LOSS_RTOL * abs(ref_loss)
     assert _rel(wrong_grads, ref_grads) > 3 * GRAD_RTOL
 
 
