@@ -24,7 +24,6 @@ say() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 left() { echo $(( LIMIT - ($(date +%s) - t0) )); }
 cap() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
-bench() { python benchmarks/bench_train_gpu.py "$@"; }
 
 python -m pip install -q --no-deps --no-build-isolation -e . > /tmp/c/pip.log 2>&1 || tail -5 /tmp/c/pip.log
 python -c "import opensloth.packing as p; print('packing backends', p.available_backends())"
@@ -36,19 +35,19 @@ if want tests; then
   grep -E "^(llama|qwen2|qwen3|mistral|gemma2|gemma3)|passed|failed|ddp|rank" /tmp/c/gpu_tests.log | cut -c1-240 | head -40
 fi
 if want 06b; then
-  say "Qwen3-0.6B"; timeout "$(cap "$B06_CAP")" bench --shapes qwen3_0.6b --variants "$VARIANTS_06B" \
+  say "Qwen3-0.6B"; timeout "$(cap "$B06_CAP")" python benchmarks/bench_train_gpu.py --shapes qwen3_0.6b --variants "$VARIANTS_06B" \
     --warmup_steps 3 --steps 8 --num_samples 2500 --eval_samples 24 --work_dir /tmp/b06 --out_dir /tmp/c/b06 \
     --timeout $(( B06_CAP - 10 )) --work_timings > /tmp/c/bench_06b.log 2>&1
   echo "0.6b rc $?"; pack; grep -A6 "^| shape" /tmp/c/bench_06b.log
 fi
 if want arch; then
-  say "a small model per family"; timeout "$(cap "$ARCH_CAP")" bench --shapes arch --variants unsloth_packing,opensloth \
+  say "a small model per family"; timeout "$(cap "$ARCH_CAP")" python benchmarks/bench_train_gpu.py --shapes arch --variants unsloth_packing,opensloth \
     --warmup_steps 2 --steps 4 --num_samples 1200 --eval_samples 12 --work_dir /tmp/barch --out_dir /tmp/c/arch \
     --timeout $(( ARCH_CAP - 10 )) > /tmp/c/bench_arch.log 2>&1
   echo "arch rc $?"; pack; grep -A16 "^| shape" /tmp/c/bench_arch.log
 fi
 if want 8b && [ "$(left)" -gt 200 ]; then
-  say "8B shapes with $(left)s left"; timeout "$(( $(left) - 5 ))" bench --shapes qwen3_8b,llama31_8b \
+  say "8B shapes with $(left)s left"; timeout "$(( $(left) - 5 ))" python benchmarks/bench_train_gpu.py --shapes qwen3_8b,llama31_8b \
     --variants "$VARIANTS_8B" --lora_targets all --micro_rows 8 --warmup_steps 2 --steps 4 \
     --num_samples 1500 --eval_samples 8 --work_dir /tmp/b8 --out_dir /tmp/c/b8 --timeout 400 --work_timings \
     --work_max_tokens 8192 > /tmp/c/bench_8b.log 2>&1
