@@ -4,6 +4,7 @@ column, and the speed-up columns of its table."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -70,10 +71,10 @@ def test_flops_per_token_adds_lora_and_causal_attention(bench):
     assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0 and bench.peak_tflops("Tesla T4") is None
 
 
-def _result(shape, variant, tokens_per_s):
+def _result(shape, variant, tokens_per_s, median=None):
     return {"shape": shape, "variant": variant, "layout": "flat", "batch": 8, "accum": 1, "tokens_per_s": tokens_per_s,
-            "wasted": 0.0, "peak_gb": 1.0, "warmup": 1, "timed_steps": 2, "loss_end": 1.0, "eval_loss": 1.0,
-            "mfu": 0.25}
+            "tokens_per_s_median": median, "wasted": 0.0, "peak_gb": 1.0, "warmup": 1, "timed_steps": 2,
+            "loss_end": 1.0, "eval_loss": 1.0, "mfu": 0.25}
 
 
 def test_table_compares_with_the_same_shapes_anchors(bench):
@@ -81,6 +82,26 @@ def test_table_compares_with_the_same_shapes_anchors(bench):
         _result("a", "unsloth_packing", 100.0), _result("a", "unsloth_auto", 50.0), _result("a", "opensloth", 110.0),
         _result("b", "unsloth_packing", 200.0), _result("b", "opensloth", 180.0),
         {"shape": "b", "variant": "opensloth_padding_free", "error": "rc 1"}])
-    assert "| a | opensloth | flat | 8 rows x 1 | 110 | 1.100x | 2.200x | 25.0% |" in table
-    assert "| b | opensloth | flat | 8 rows x 1 | 180 | 0.900x | - |" in table
+    assert "| a | opensloth | flat | 8 rows x 1 | 110 | - | 1.100x | 2.200x | 25.0% |" in table
+    assert "| b | opensloth | flat | 8 rows x 1 | 180 | - | 0.900x | - |" in table
     assert "| b | opensloth_padding_free | failed: rc 1 |" in table
+
+
+def test_a_repeated_anchor_is_labelled_and_its_last_run_is_the_reference(bench):
+    variants = ["unsloth_packing", "unsloth_auto", "opensloth", "unsloth_packing"]
+    assert [bench._run_label(variants, i) for i in range(4)] == [
+        "unsloth_packing", "unsloth_auto", "opensloth", "unsloth_packing #2"]
+    table = bench.results_table([
+        _result("a", "unsloth_packing", 80.0, median=95.0), _result("a", "unsloth_auto", 50.0),
+        _result("a", "opensloth", 99.0, median=100.0), _result("a", "unsloth_packing #2", 100.0, median=101.0)])
+    assert "| a | opensloth | flat | 8 rows x 1 | 99 | 100 | 0.990x | 1.980x |" in table
+    assert "| a | unsloth_packing | flat | 8 rows x 1 | 80 | 95 | 0.800x |" in table  # the cold first run
+    assert "| a | unsloth_packing #2 | flat | 8 rows x 1 | 100 | 101 | 1.000x |" in table
+
+
+def test_median_step_rate_ignores_one_slow_step(bench):
+    tokens, seconds = [1000, 1000, 1000, 1000, 1000], [1.0, 1.0, 4.0, 1.0, 1.0]
+    assert sum(tokens) / sum(seconds) == 625.0
+    assert bench._median_rate(tokens, seconds) == 1000.0
+    assert bench._median_rate([100, 300], [1.0, 1.0]) == 200.0
+    assert math.isnan(bench._median_rate([], []))
