@@ -548,6 +548,10 @@ def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer,
     wall = sum(timed_step_s)
     real = sum(step_real)
     slots = sum(sum(r["slots"][i] for i in timed) for r in per_rank)
+    if variant in ("unsloth_packing", "unsloth_auto") and slots > real:
+        # Unsloth pads where it does not pack (seen for Gemma 2: "packing=True ignored (unsupported model type)")
+        layout = "padded (Unsloth " + ("ignored packing=True)" if variant == "unsloth_packing"
+                                       else "did not go padding-free)")
     del trainer
     gc.collect()
     if cuda:
