@@ -1,9 +1,10 @@
-"""Launch train_scripts/train_configurable.py as one process, or as two single-process torchrun "nodes" on this
-machine (``--nnodes 2 --node_rank i --nproc_per_node 1`` on 127.0.0.1: each rank has LOCAL_RANK 0, so two ranks
-can share one GPU with the gloo backend), and read the per-step losses a run logged.
+"""Launch train_scripts/train_configurable.py (or another ``script``) as one process, or as two single-process
+torchrun "nodes" on this machine (``--nnodes 2 --node_rank i --nproc_per_node 1`` on 127.0.0.1: each rank has
+LOCAL_RANK 0, so two ranks can share one GPU with the gloo backend), and read the per-step losses a run logged.
 
-Used by tests/integration/test_train_shared_launch.py (CPU, hf backend) and tests/gpu/test_ddp_shared_gpu.py
-(Unsloth on the GPU).
+Used by tests/integration/test_train_shared_launch.py (CPU, hf backend), tests/gpu/test_ddp_shared_gpu.py
+(Unsloth on the GPU), and for the README recipe through tests/gpu/recipe_driver.py by
+tests/gpu/test_recipe_shared_gpu.py and tests/integration/test_recipe_driver.py.
 """
 
 from __future__ import annotations
@@ -53,28 +54,33 @@ def _check(procs: list[tuple[list[str], subprocess.CompletedProcess]]) -> list[s
     return [out for _, out in procs]
 
 
-def run_one_process(args: list[str], cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(SCRIPT)] + args
+def run_one_process(args: list[str], cwd: Path, env: dict, timeout: float = 600,
+                    script: Path | None = None) -> subprocess.CompletedProcess:
+    """``script`` (default: the training script) as one plain process with ``args``."""
+    cmd = [sys.executable, str(script or SCRIPT)] + args
     return _check([(cmd, subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout))])[0]
 
 
-def run_two_nodes(args: list[str], cwd: Path, env: dict, timeout: float = 600) -> list[subprocess.CompletedProcess]:
-    """Both "nodes" of a 2-rank run, launched together; returns their completed processes (rank 0 first).
+def run_two_nodes(args: list[str], cwd: Path, env: dict, timeout: float = 600,
+                  script: Path | None = None) -> list[subprocess.CompletedProcess]:
+    """Both "nodes" of a 2-rank run of ``script`` (default: the training script), launched together; returns their
+    completed processes (rank 0 first).
 
     The rendezvous port is free when picked but another process may take it before torchrun binds it; a launch that
     fails on a port already in use is retried once on a new port."""
     try:
-        return _launch_two_nodes(args, cwd, env, timeout)
+        return _launch_two_nodes(args, cwd, env, timeout, script or SCRIPT)
     except AssertionError as err:
         if "address already in use" not in str(err).lower():
             raise
-        return _launch_two_nodes(args, cwd, env, timeout)
+        return _launch_two_nodes(args, cwd, env, timeout, script or SCRIPT)
 
 
-def _launch_two_nodes(args: list[str], cwd: Path, env: dict, timeout: float) -> list[subprocess.CompletedProcess]:
+def _launch_two_nodes(args: list[str], cwd: Path, env: dict, timeout: float,
+                      script: Path) -> list[subprocess.CompletedProcess]:
     port = free_port()
     cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(i),
-             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), str(SCRIPT)] + args
+             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), str(script)] + args
             for i in range(2)]
     procs = [subprocess.Popen(c, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for c in cmds]
