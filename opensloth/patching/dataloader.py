@@ -7,9 +7,10 @@ that order, and its per-epoch batch count is a multiple of the world size with `
 batches allowed), so accelerate's sharding hands each rank its own plan, with nothing dropped or repeated.
 
 ``use_balanced_sampler(trainer)`` replaces ``trainer.get_train_dataloader`` on the instance. `ddp_patch` installs
-it automatically at ``train()`` time when the world size is above 1, the training dataset is map-style and the
-trainer uses the default random sampling (``train_sampling_strategy="random"``); ``OPENSLOTH_BALANCE_RANKS=0`` or
-``ddp_patch(balance_ranks=False)`` turns that off.
+it automatically at ``train()`` time, at any world size (one process included, so that it follows the curve of N
+ranks), when the training dataset is map-style and the trainer uses the default random sampling
+(``train_sampling_strategy="random"``); ``OPENSLOTH_BALANCE_RANKS=0`` or ``ddp_patch(balance_ranks=False)`` turns
+that off.
 """
 
 from __future__ import annotations
@@ -189,8 +190,8 @@ def maybe_install_balanced_sampler(trainer: Any) -> bool:
     if getattr(getattr(current, "__func__", current), _MARK, False) or not _enabled():
         return False
     args = trainer.args
-    if max(1, args.world_size) <= 1:
-        return False
+    # World size 1 too: the plan depends only on the global batch, so one process trains the same samples per step
+    # as N ranks do, and the single-GPU run of a script is the curve its N-GPU run follows.
     strategy = str(getattr(args, "train_sampling_strategy", "random"))
     if strategy.split(".")[-1].lower() != "random" or getattr(args, "group_by_length", False):
         logger.debug("balanced sampler not installed: train_sampling_strategy=%s was chosen explicitly", strategy)

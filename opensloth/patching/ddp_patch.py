@@ -149,11 +149,11 @@ def ddp_patch(
     when WORLD_SIZE > 1. Pins ``cuda:{LOCAL_RANK}`` when CUDA is available, else runs on the CPU (gloo). Logs the
     rank, device and world size once per rank. Applies the out-of-place loss-scaling fix, the
     ``ddp_find_unused_parameters=False`` default (world size > 1), with ``balance_ranks`` the rank-balanced sampler at
-    train time (`opensloth.patching.dataloader`), and with ``step_figures`` the per-step throughput and balance
-    figures in the Trainer's logs (`opensloth.patching.metrics`), and with ``token_weighted_eval`` an eval loss that
-    is the token-weighted mean over the whole eval set at any world size and eval batch size
-    (`opensloth.patching.sft_trainer.install_token_weighted_eval`; from the first ``train()`` on, or call it on a
-    trainer that evaluates before training). Imports no Unsloth; safe to call twice.
+    train time, in a single process too (`opensloth.patching.dataloader`), with ``step_figures`` the per-step
+    throughput and balance figures in the Trainer's logs (`opensloth.patching.metrics`), and with
+    ``token_weighted_eval`` an eval loss that is the token-weighted mean over the whole eval set at any world size
+    and eval batch size (`opensloth.patching.sft_trainer.install_token_weighted_eval`; from the first ``train()`` on,
+    or call it on a trainer that evaluates before training). Imports no Unsloth; safe to call twice.
     """
     global _state
     env = read_dist_env()

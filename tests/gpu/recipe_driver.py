@@ -17,10 +17,6 @@ Environment of the driver itself:
 
 - ``RECIPE_OUTPUT_DIR``: the trainer's ``output_dir`` (else the recipe's ``outputs/qwen_sft_ws{N}`` under the cwd).
 - ``RECIPE_DDP_BACKEND``: the trainer's ``ddp_backend`` (gloo for two ranks sharing one GPU; NCCL refuses that).
-- ``RECIPE_BALANCE_ONE_PROCESS=1``: at world size 1, train with the rank-balanced sampler too. ``ddp_patch()``
-  installs it only when the world size is above 1, so a plain one-process run draws its steps from the Trainer's
-  random sampler, and those are other samples per step than the balanced plan of a torchrun run; this switch gives
-  the one-process reference the same plan (what tests/integration/curve_worker.py does at world size 1).
 - ``RECIPE_SCRIPT``: the script to run instead of examples/qwen_sft.py (the CPU test's stand-in).
 - ``RECIPE_UNSLOTH=0``: do not import Unsloth first (the one switch for CPU machines, where Unsloth cannot import).
   Otherwise Unsloth is imported before anything imports transformers, trl or peft, as it asks and as the recipe does.
@@ -137,13 +133,6 @@ def _patch_train(out_json: Path) -> None:
     Trainer.train = train_and_report
 
 
-def _balance_one_process(trainer) -> None:
-    if max(1, trainer.args.world_size) == 1:
-        from opensloth.patching.dataloader import use_balanced_sampler
-
-        use_balanced_sampler(trainer)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise SystemExit(f"usage: {argv[0]} OUT_JSON (got {len(argv) - 1} arguments)")
@@ -155,10 +144,6 @@ def main(argv: list[str]) -> None:
         import unsloth  # noqa: F401  (first: it patches transformers, trl and peft; the recipe imports it first too)
     _patch_sft_config(config_overrides())
     _patch_train(out_json)
-    if os.environ.get("RECIPE_BALANCE_ONE_PROCESS", "").strip() == "1":
-        from opensloth.patching.hooks import add_pre_train_hook
-
-        add_pre_train_hook(_balance_one_process)
     sys.argv = [str(script)]
     runpy.run_path(str(script), run_name="__main__")
 
