@@ -1061,13 +1061,15 @@ def print_config(config: TrainConfig, sources: dict[str, str]) -> int:
 def run_command(prog: str, action) -> int:
     """Run `action()` as a command: a `RunError` is one line on stderr and exit status 2; the process group, if one
     was started, is shut down either way."""
+    finished = False
     try:
         action()
+        finished = True
     except RunError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        _shutdown_process_group()
+        _shutdown_process_group(wait_for_peers=finished)
     return 0
 
 
@@ -1081,13 +1083,25 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     return run_command(prog, lambda: run(config, sources))
 
 
-def _shutdown_process_group() -> None:
+def _shutdown_process_group(*, wait_for_peers: bool = False) -> None:
+    """Tear the process group down. After a finished run, every rank first waits at a barrier, so that no rank
+    leaves while another still finishes its last steps: rank 0 hosts the rendezvous store and takes it with it. (A
+    two-node CPU test once saw rank 0 exit cleanly and rank 1 abort under gloo with "terminate called without an
+    active exception" right after that; this is the likely cause.) A run that failed skips the barrier: its peers
+    may never reach it."""
     torch = sys.modules.get("torch")
     if torch is None:
         return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers and dist.get_world_size() > 1:
+            try:
+                dist.barrier()
+            except Exception as exc:  # noqa: BLE001 - a peer that died must not turn a finished run into a crash
+                from opensloth.distributed import logger
+
+                logger.warning("the final barrier failed (%s: %s); shutting down anyway", type(exc).__name__, exc)
         dist.destroy_process_group()
 
 

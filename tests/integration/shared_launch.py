@@ -49,8 +49,11 @@ def launch_env(**extra: str) -> dict:
 def _check(procs: list[tuple[list[str], subprocess.CompletedProcess]]) -> list[subprocess.CompletedProcess]:
     for cmd, out in procs:
         if out.returncode != 0:
+            # every process's end: a rank that failed often did so because another one left first
+            others = "".join(f"\n--- process {i} exited {o.returncode}; its stderr\n{o.stderr[-3000:]}"
+                             for i, (_, o) in enumerate(procs) if o is not out)
             raise AssertionError(f"exit {out.returncode}: {' '.join(cmd)}\n--- stdout\n{out.stdout[-4000:]}\n"
-                                 f"--- stderr\n{out.stderr[-8000:]}")
+                                 f"--- stderr\n{out.stderr[-8000:]}{others}")
     return [out for _, out in procs]
 
 
