@@ -143,8 +143,10 @@ def wire_batches(model: Any, *, backend: str, packing: str, max_seq_length: int,
         reason = (f"{_model_name(model)} on {backend} " + (result.describe() if result is not None and not honoured
                                                             else "(another rank's check failed)"))
         logger.warning("%s. Training this model on padded rows instead: every sample its own row, the same samples "
-                       "and loss per step, more padding (slower). Packed attention for it needs a backend that reads "
-                       "the packing metadata (e.g. flash-attn with softcapping for Gemma 2 on Unsloth)", reason)
+                       "and loss per step, more padding: slower, and a micro-batch of packed rows becomes every "
+                       "sample they hold, so it takes far more memory (lower the per-device batch size if it runs "
+                       "out). Packed attention for it needs a backend that reads the packing metadata (e.g. "
+                       "flash-attn with softcapping for Gemma 2 on Unsloth)", reason)
         return BatchWiring(PackedDataCollator(pad_token_id=pad_token_id, layout="padded"),
                            "padded", result, varlen, reason)
     if result is not None:

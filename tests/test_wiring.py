@@ -61,6 +61,7 @@ def test_a_model_that_leaks_trains_on_padded_rows(caplog):
     assert wiring.layout == "padded" and not wiring.packed
     assert not wiring.check.honoured and wiring.check.conclusive
     assert "padded rows" in caplog.text and "attend to each other" in caplog.text
+    assert "lower the per-device batch size" in caplog.text  # padded rows of every sample: far more memory
     # the fallback is correct for this model: one sample per row, plain causal attention
     from opensloth.attention_check import check_packed_attention
 
