@@ -69,6 +69,23 @@ def step_losses(report: dict, steps: int) -> list[float]:
     return [losses[s] for s in range(1, steps + 1)]
 
 
+def launch(workdir: Path, env: dict, name: str, world_size: int, *, timeout: float,
+           **extra: str) -> tuple[list[dict], str]:
+    """Run this driver (the recipe, or RECIPE_SCRIPT) as one process or as two single-process torchrun nodes, from
+    ``workdir``, with its output folder ``workdir/name`` and ``extra`` added to ``env``; returns every rank's report
+    (rank 0 first) and the runs' stdout + stderr."""
+    from tests.integration.shared_launch import run_one_process, run_two_nodes
+
+    out_json = Path(workdir) / f"{name}.json"
+    env = {**env, "RECIPE_OUTPUT_DIR": str(Path(workdir) / name), **extra}
+    driver = Path(__file__).resolve()
+    if world_size == 1:
+        procs = [run_one_process([str(out_json)], workdir, env, timeout=timeout, script=driver)]
+    else:
+        procs = run_two_nodes([str(out_json)], workdir, env, timeout=timeout, script=driver)
+    return read_reports(out_json, world_size), "".join(p.stderr + p.stdout for p in procs)
+
+
 def _patch_sft_config(overrides: dict) -> None:
     import trl
 

@@ -38,11 +38,10 @@ import math
 import pytest
 
 from tests.gpu import recipe_driver
-from tests.integration.shared_launch import ROOT, launch_env, run_one_process, run_two_nodes
+from tests.integration.shared_launch import launch_env
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(2700)]
 
-DRIVER = ROOT / "tests" / "gpu" / "recipe_driver.py"
 STEPS = 4
 TRAIN_SAMPLES = 128  # 4 steps of the recipe's global batch of 32 (8 x grad_accum 4): one epoch, no sample twice
 ATOL = 5e-3
@@ -79,14 +78,7 @@ def env(workdir, shared_data, qwen3_tokenizer):
 
 
 def _run(workdir, env, name: str, world_size: int, **extra: str) -> tuple[list[dict], str]:
-    """Run the recipe through the driver; (every rank's report, the runs' stdout + stderr)."""
-    out_json = workdir / f"{name}.json"
-    env = {**env, "RECIPE_OUTPUT_DIR": str(workdir / name), **extra}
-    if world_size == 1:
-        procs = [run_one_process([str(out_json)], workdir, env, timeout=900, script=DRIVER)]
-    else:
-        procs = run_two_nodes([str(out_json)], workdir, env, timeout=900, script=DRIVER)
-    return recipe_driver.read_reports(out_json, world_size), "".join(p.stderr + p.stdout for p in procs)
+    return recipe_driver.launch(workdir, env, name, world_size, timeout=900, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,10 @@ import pytest
 
 from opensloth.presets.tiny import save_tiny_model_folder, tiny_datasets
 from tests.gpu import recipe_driver
-from tests.integration.shared_launch import ROOT, launch_env, run_one_process, run_two_nodes
+from tests.integration.shared_launch import ROOT, launch_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-DRIVER = ROOT / "tests" / "gpu" / "recipe_driver.py"
 STANDIN = ROOT / "tests" / "integration" / "recipe_standin.py"
 STEPS = 2
 
@@ -52,13 +51,7 @@ def env(workdir):
 
 
 def _run(workdir, env, name: str, world_size: int, **extra: str) -> tuple[list[dict], str]:
-    out_json = workdir / f"{name}.json"
-    env = {**env, "RECIPE_OUTPUT_DIR": str(workdir / name), **extra}
-    if world_size == 1:
-        procs = [run_one_process([str(out_json)], workdir, env, timeout=240, script=DRIVER)]
-    else:
-        procs = run_two_nodes([str(out_json)], workdir, env, timeout=240, script=DRIVER)
-    return recipe_driver.read_reports(out_json, world_size), "".join(p.stderr + p.stdout for p in procs)
+    return recipe_driver.launch(workdir, env, name, world_size, timeout=240, **extra)
 
 
 @pytest.fixture(scope="module")
