@@ -15,9 +15,15 @@ collator for a training run.
 
 Then the model is asked whether it keeps packed samples apart (`opensloth.attention_check`: three tiny forwards
 through this very collator). If it does not (Unsloth runs Gemma 2's softcapped attention without packing support
-unless flash-attn is installed, for one), the run switches to ``layout="padded"``: every sample its own row, the
-same samples per step and the same loss, more padding; a warning says so once. Under torchrun every rank checks;
-once the process group is up (the Trainer's arguments start it) the ranks agree on the outcome (the most cautious
+unless flash-attn is installed, for one), on Unsloth the next candidate is ``layout="masked_rows"``: packed rows
+(P, L) with ``position_ids`` restarting per sample and a dense additive block-causal ``attention_mask``
+(P, 1, L, L) in the model's dtype, which Unsloth's explicit-matmul attention adds to its scores once its
+keep-the-mask flag is set (`opensloth.patching.unsloth_mask`). It costs P * L * L mask elements and the scores
+attention materialises anyway on that path; it is tried only when the model has no sliding window shorter than
+``max_seq_length`` (one mask serves every layer, so it could not window the sliding layers), and kept only when the
+same check passes through it. Otherwise the run switches to ``layout="padded"``: every sample its own row, the same
+samples per step and the same loss, more padding. A warning says which, once. Under torchrun every rank checks;
+once the process group is up (the Trainer's arguments start it) the ranks agree on each outcome (the most cautious
 wins), and before that each rank's check is the same deterministic probe of the same weights.
 
 The check runs through the very collator and forward the trainer uses, so it also catches boundary keys that get
@@ -43,9 +49,10 @@ PACKING_MODES = ("none", "padding_free", "packed", "balanced")
 
 @dataclass(frozen=True)
 class BatchWiring:
-    """What `wire_batches` chose. ``layout``: ``"trl_padded"``, ``"flat"``, ``"rows"`` or ``"padded"``.
-    ``check``: the packed-attention check (None when not run). ``varlen``: the outcome of Unsloth's varlen switch
-    (None off Unsloth). ``fallback``: why packing fell back to padded rows, or None."""
+    """What `wire_batches` chose. ``layout``: ``"trl_padded"``, ``"flat"``, ``"rows"``, ``"masked_rows"`` or
+    ``"padded"``. ``check``: the packed-attention check of the chosen collator (None when not run). ``varlen``: the
+    outcome of Unsloth's varlen switch (None off Unsloth). ``fallback``: why packing left the collator first chosen
+    (for masked or padded rows), or None."""
 
     collator: Callable[..., Mapping[str, Any]]
     layout: str
@@ -55,7 +62,7 @@ class BatchWiring:
 
     @property
     def packed(self) -> bool:
-        return self.layout in ("flat", "rows")
+        return self.layout in ("flat", "rows", "masked_rows")
 
 
 def _model_name(model: Any) -> str:
@@ -138,10 +145,14 @@ def wire_batches(model: Any, *, backend: str, packing: str, max_seq_length: int,
             logger.warning("packed attention of %s could not be verified: %s; training packed anyway",
                            _model_name(model), result.describe())
     if not _agree(honoured):
-        from opensloth.collate import PackedDataCollator
-
         reason = (f"{_model_name(model)} on {backend} " + (result.describe() if result is not None and not honoured
                                                             else "(another rank's check failed)"))
+        if backend == "unsloth":
+            masked = _masked_rows(model, max_seq_length, pad_token_id, varlen, reason)
+            if masked is not None:
+                return masked
+        from opensloth.collate import PackedDataCollator
+
         logger.warning("%s. Training this model on padded rows instead: every sample its own row, the same samples "
                        "and loss per step, more padding: slower, and a micro-batch of packed rows becomes every "
                        "sample they hold, so it takes far more memory (lower the per-device batch size if it runs "
@@ -152,3 +163,50 @@ def wire_batches(model: Any, *, backend: str, packing: str, max_seq_length: int,
     if result is not None:
         logger.info("packed attention of %s: %s", _model_name(model), result.describe())
     return BatchWiring(collator, layout, result, varlen)
+
+
+def _sliding_window(model: Any) -> int | None:
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2/Qwen3 keep the attribute but do not window
+        return None
+    window = getattr(config, "sliding_window", None)
+    return window if isinstance(window, int) and window > 0 else None
+
+
+def _masked_rows(model: Any, max_seq_length: int, pad_token_id: int, varlen: str | None,
+                 reason: str) -> BatchWiring | None:
+    """The dense block-causal mask route on Unsloth (module docstring), or None when it does not apply or the check
+    does not pass through it (the model's flag is then put back as it was)."""
+    import torch
+
+    from opensloth.collate import PackedDataCollator
+    from opensloth.patching.unsloth_mask import keep_unsloth_attention_mask
+
+    window = _sliding_window(model)
+    if window is not None and window < max_seq_length:
+        logger.info("%s: no dense-mask route, its sliding window (%d) is shorter than max_seq_length (%d)",
+                    _model_name(model), window, max_seq_length)
+        return None
+    try:
+        restore = keep_unsloth_attention_mask(model)
+    except ValueError as err:
+        logger.info("%s: no dense-mask route: %s", _model_name(model), err)
+        return None
+    embeddings = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    dtype = getattr(getattr(embeddings, "weight", None), "dtype", torch.float32)
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    collator = PackedDataCollator(pad_token_id=pad_token_id, layout="rows", metadata=("attention_mask", "use_cache"),
+                                  mask_dtype=dtype)
+    result = check_packed_attention(model, collator, max_tokens=max_seq_length)
+    if not _agree(result.honoured and result.conclusive):
+        restore()
+        logger.info("%s with a dense block-causal mask: %s", _model_name(model), result.describe())
+        return None
+    logger.warning("%s. Training this model on packed rows with a dense block-causal attention mask instead (%s): "
+                   "the same samples and loss per step, attention over each whole row, so a micro-batch of P rows "
+                   "of L tokens costs P * L * L mask and score elements per layer (lower the per-device batch size "
+                   "if it runs out of memory). flash-attn with softcapping would let Unsloth run it packed without "
+                   "the mask", reason, result.describe())
+    return BatchWiring(collator, "masked_rows", result, varlen, reason)

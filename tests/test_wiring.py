@@ -71,6 +71,64 @@ def test_a_model_that_leaks_trains_on_padded_rows(caplog):
     assert batch["input_ids"].shape == (2, 5) and batch["attention_mask"].sum().item() == 9
 
 
+class ReadsOnlyAKeptMask(torch.nn.Module):
+    """What Unsloth does with Gemma 2 when flash-attn is missing: training forwards drop positions and packing
+    metadata, and keep a 4-D attention_mask only when the backbone carries Unsloth's _unsloth_keep_padding_mask."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def forward(self, input_ids=None, labels=None, attention_mask=None, position_ids=None, **kwargs):
+        if getattr(self.inner.model, "_unsloth_keep_padding_mask", False) and getattr(attention_mask, "ndim", 0) == 4:
+            return self.inner(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+                              position_ids=position_ids, use_cache=False)
+        return self.inner(input_ids=input_ids, labels=labels, use_cache=False)
+
+
+def _loss_of(model, batch):
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+def test_unsloth_model_that_reads_only_a_kept_mask_trains_masked_rows(caplog):
+    model = ReadsOnlyAKeptMask(tiny_qwen3())
+    with caplog.at_level(logging.WARNING, logger="opensloth"):
+        wiring = wire(model, backend="unsloth")
+    assert wiring.layout == "masked_rows" and wiring.packed and wiring.check.honoured and wiring.check.conclusive
+    assert "attend to each other" in wiring.fallback and "dense block-causal attention mask" in caplog.text
+    assert model.inner.model._unsloth_keep_padding_mask is True
+    rows = [{"input_ids": np.arange(10, 19), "labels": np.arange(10, 19), "seq_lengths": np.array([4, 5])},
+            {"input_ids": np.arange(30, 36), "labels": np.arange(30, 36), "seq_lengths": np.array([6])}]
+    batch = wiring.collator(rows)
+    assert batch["attention_mask"].shape == (2, 1, 9, 9) and batch["attention_mask"].dtype == torch.float32
+    assert "packed_seq_lengths" not in batch  # the mask alone carries the boundaries on this route
+    # the oracle: each sample alone, token-weighted (every sample's first token has no target)
+    alone = [(np.arange(10, 14), 3), (np.arange(14, 19), 4), (np.arange(30, 36), 5)]
+    want = sum(_loss_of(model.inner, {"input_ids": torch.as_tensor(ids)[None],
+                                      "labels": torch.as_tensor(ids)[None]}) * n for ids, n in alone) / 12
+    assert abs(_loss_of(model, batch) - want) < 1e-5
+
+
+@pytest.mark.parametrize("reason", ["leaks", "window"])
+def test_unsloth_masked_rows_route_falls_back_to_padded_rows(reason, caplog):
+    """A model that reads no mask either, or whose sliding window is shorter than the rows (one mask cannot window
+    the sliding layers): padded rows, and Unsloth's flag is left as it was."""
+    if reason == "leaks":
+        model = LosesBoundaries(tiny_qwen3())
+    else:
+        model = ReadsOnlyAKeptMask(tiny_qwen3(sliding_window=32, use_sliding_window=True))
+    with caplog.at_level(logging.INFO, logger="opensloth"):
+        wiring = wire(model, backend="unsloth")
+    assert wiring.layout == "padded" and not wiring.packed and not wiring.check.honoured
+    assert not hasattr(model.inner.model, "_unsloth_keep_padding_mask")
+    assert ("sliding window (32) is shorter than max_seq_length (64)" in caplog.text) == (reason == "window")
+
+
 def test_check_can_be_skipped():
     wiring = wire(LosesBoundaries(tiny_qwen3()), check=False)
     assert wiring.check is None and wiring.layout == "rows"
