@@ -16,7 +16,7 @@ collator for a training run.
 Then the model is asked whether it keeps packed samples apart (`opensloth.attention_check`: three tiny forwards
 through this very collator). If it does not (Unsloth runs Gemma 2's softcapped attention without packing support
 unless flash-attn is installed, for one), on Unsloth the next candidate is ``layout="masked_rows"``: packed rows
-(P, L) with ``position_ids`` restarting per sample and a dense additive block-causal ``attention_mask``
+(P, L = max_seq_length) with ``position_ids`` restarting per sample and a dense additive block-causal ``attention_mask``
 (P, 1, L, L) in the model's dtype, which Unsloth's explicit-matmul attention adds to its scores once its
 keep-the-mask flag is set (`opensloth.patching.unsloth_mask`). It costs P * L * L mask elements and the scores
 attention materialises anyway on that path; it is tried only when the model has no sliding window shorter than
@@ -197,8 +197,8 @@ def _masked_rows(model: Any, max_seq_length: int, pad_token_id: int, varlen: str
     dtype = getattr(getattr(embeddings, "weight", None), "dtype", torch.float32)
     if not dtype.is_floating_point:
         dtype = torch.float32
-    collator = PackedDataCollator(pad_token_id=pad_token_id, layout="rows", metadata=("attention_mask", "use_cache"),
-                                  mask_dtype=dtype)
+    collator = PackedDataCollator(pad_token_id=pad_token_id, layout="rows", capacity=max_seq_length,
+                                  metadata=("attention_mask", "use_cache"), mask_dtype=dtype)
     result = check_packed_attention(model, collator, max_tokens=max_seq_length)
     if not _agree(result.honoured and result.conclusive):
         restore()

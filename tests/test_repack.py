@@ -360,17 +360,29 @@ def _window_loss(model, batches):
     return total / num_items(batches)
 
 
-@pytest.mark.parametrize("kind", ["right", "left", "trl_flat"])
+@pytest.mark.parametrize("kind", ["right", "left", "trl_flat", "masked_rows"])
 def test_window_loss_is_unchanged_on_a_tiny_model(kind):
     model = tiny_qwen3()
     rng = np.random.default_rng(12)
     groups = ([40, 3], [4, 38], [39, 5])
     if kind == "trl_flat":
         batches = [trl_padding_free([rand_sample(rng, n, prompt=1) for n in g]) for g in ([40, 30, 20], [4, 3], [5])]
+    elif kind == "masked_rows":  # wire_batches' rows with a dense additive block-causal mask (Gemma 2 on Unsloth)
+        from opensloth.collate import PackedDataCollator
+
+        collate = PackedDataCollator(layout="rows", capacity=48, metadata=("attention_mask", "use_cache"),
+                                     mask_dtype=torch.float32)
+        rows = [[rand_sample(rng, n, prompt=1) for n in g] for g in ([30, 10], [20, 6], [12, 3], [4], [5, 2])]
+        features = [{"input_ids": np.concatenate([ids for ids, _ in row]),
+                     "labels": np.concatenate([lab for _, lab in row]), "seq_lengths": [len(ids) for ids, _ in row]}
+                    for row in rows]
+        batches = [collate(features[:3]), collate(features[3:4]), collate(features[4:])]
     else:
         batches = [padded_batch([rand_sample(rng, n, prompt=1) for n in g], side=kind) for g in groups]
     out, stats = repack_window(batches)
     assert stats.changed
+    if kind == "masked_rows":
+        assert all(b["attention_mask"].dtype == torch.float32 and b["attention_mask"].dim() == 4 for b in out)
     before, after = _window_loss(model, batches), _window_loss(model, out)
     assert torch.allclose(before, after, rtol=0, atol=1e-5), (before, after)
 

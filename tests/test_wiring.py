@@ -105,7 +105,7 @@ def test_unsloth_model_that_reads_only_a_kept_mask_trains_masked_rows(caplog):
     rows = [{"input_ids": np.arange(10, 19), "labels": np.arange(10, 19), "seq_lengths": np.array([4, 5])},
             {"input_ids": np.arange(30, 36), "labels": np.arange(30, 36), "seq_lengths": np.array([6])}]
     batch = wiring.collator(rows)
-    assert batch["attention_mask"].shape == (2, 1, 9, 9) and batch["attention_mask"].dtype == torch.float32
+    assert batch["attention_mask"].shape == (2, 1, 64, 64) and batch["attention_mask"].dtype == torch.float32
     assert "packed_seq_lengths" not in batch  # the mask alone carries the boundaries on this route
     # the oracle: each sample alone, token-weighted (every sample's first token has no target)
     alone = [(np.arange(10, 14), 3), (np.arange(14, 19), 4), (np.arange(30, 36), 5)]

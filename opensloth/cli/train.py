@@ -612,7 +612,8 @@ def build_trainer(config: TrainConfig, model, tokenizer, train_dataset, eval_dat
         from opensloth.patching.dataloader import use_balanced_sampler
 
         # rows padded to capacity (the hf rows layout) count their padding as work; flat rows have none
-        use_balanced_sampler(trainer, row_capacity=config.max_seq_length if wiring.layout == "rows" else None)
+        use_balanced_sampler(trainer, row_capacity=config.max_seq_length if wiring.layout in ("rows", "masked_rows")
+                             else None)
     from opensloth.metrics import attach_step_figures
 
     attach_step_figures(trainer)  # observes batches only: tokens/s/GPU, real-token fraction, rank balance
