@@ -18,6 +18,8 @@ module on first use:
   name, importable from ``opensloth.patching.unsloth_attention`` too): on torch < 2.12, switches on Unsloth's own
   FlashAttention-2 varlen branch, which the GPU path (`opensloth.wiring`: flat rows with ``packed_seq_lengths``)
   relies on. OpenSloth patches no Unsloth attention code.
+- ``keep_unsloth_attention_mask(model)`` (`opensloth.patching.unsloth_mask`, used by `opensloth.wiring` only): sets
+  Unsloth's own keep-the-mask flag so a dense block-causal mask reaches Gemma 2's attention in training.
 """
 
 from __future__ import annotations
