@@ -6,6 +6,9 @@
 # 2026-12-07, Qwen3-0.6B: both anchors' progress bars show slow single steps inside the timed steps, ours none).
 # Every stage writes under /tmp/c, packed into $OUT/all.tgz as it goes, so a stage cut short loses nothing before it.
 #
+# Time on the H100 (2026-12-07): the six families' tests alone need more than 560 s; the recipe test more than 170 s.
+# Give tests/gpu/test_unsloth_families.py one call and the recipe and DDP tests another.
+#
 # Setup (../shared/gpu/README.md): .gpu/site.tgz (bash ../shared/gpu/make_site_bundle.sh .gpu/site.tgz) and
 # .gpu/data/{tokenizers/qwen3,chat} copied from ../shared/data; the call carries .gpu:
 #   LIMIT=560 bash scripts/gpu_session.sh            # STAGES="tests 06b arch 8b" by default
@@ -34,7 +37,8 @@ python -c "import opensloth.packing as p; print('packing backends', p.available_
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
 if want tests; then
-  say "GPU tests"; timeout "$(cap "$TESTS_CAP")" python -m pytest $TESTS -q -s -p no:cacheprovider > /tmp/c/gpu_tests.log 2>&1
+  # SIGINT first: pytest then prints the tracebacks of the failures so far (a plain kill lost Gemma 2's on the H100).
+  say "GPU tests"; timeout -s INT -k 20 "$(( $(cap "$TESTS_CAP") - 20 ))" python -m pytest $TESTS -q -s -p no:cacheprovider > /tmp/c/gpu_tests.log 2>&1
   echo "tests rc $?"; pack
   grep -E "^(llama|qwen2|qwen3|mistral|gemma2|gemma3)|passed|failed|ddp|rank" /tmp/c/gpu_tests.log | cut -c1-240 | head -40
 fi
