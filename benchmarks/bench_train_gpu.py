@@ -520,6 +520,10 @@ def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer,
         ddp_find_unused_parameters=False if world > 1 else None, gradient_checkpointing=cuda, **kwargs)
     trainer = sft_trainer_class()(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                                    data_collator=collator)
+    if layout == "masked_rows":  # Unsloth drops the target count of 4-D masks; the window patch puts it back
+        from opensloth.patching.batch_samples import install_on_trainer
+
+        install_on_trainer(trainer, repack=False)
     counter = _Counter()
     trainer.data_collator = counter.wrap(trainer.data_collator)
     timer = _timer_class()(counter, cuda)

@@ -77,7 +77,9 @@ def _model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def _logits(model: Any, batch: Mapping[str, Any], device: torch.device) -> torch.Tensor:
+def _logits(model: Any, batch: Mapping[str, Any], device: torch.device, lo: int, hi: int) -> torch.Tensor:
+    """Logits of the flattened batch's tokens lo..hi-1 as float32, copied out so the full (tokens, vocab) logits of
+    a row as wide as max_seq_length are freed at once (4096 x 256k in fp32 would be 4 GB)."""
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"}
     # A forked RNG: a model with dropout draws nothing from the generators the training goes on with.
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
@@ -86,7 +88,7 @@ def _logits(model: Any, batch: Mapping[str, Any], device: torch.device) -> torch
     logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
     if not isinstance(logits, torch.Tensor) or logits.numel() == 0:
         raise RuntimeError("the model returned no logits for an unlabelled forward; cannot check packed attention")
-    return logits.float().reshape(-1, logits.shape[-1])
+    return logits.reshape(-1, logits.shape[-1])[lo:hi].float().clone()
 
 
 def check_packed_attention(model: Any, collate: Callable[[list[dict]], Mapping[str, Any]], *,
@@ -122,9 +124,6 @@ def _compare(model: Any, collate: Callable[[list[dict]], Mapping[str, Any]], a: 
     packed_batch = collate([{"input_ids": both, "seq_lengths": np.array([len_a, len_b])}])
     alone_batch = collate([{"input_ids": b, "seq_lengths": np.array([len_b])}])
     leak_batch = collate([{"input_ids": both, "seq_lengths": np.array([len_a + len_b])}])
-    packed = _logits(model, packed_batch, device)
-    alone = _logits(model, alone_batch, device)[:len_b]
-    leak = _logits(model, leak_batch, device)[len_a:len_a + len_b]
     ids = packed_batch["input_ids"].reshape(-1)
     want = torch.from_numpy(b)
     # B follows A in the same row (flat, rows) or opens the second row (padded).
@@ -134,7 +133,9 @@ def _compare(model: Any, collate: Callable[[list[dict]], Mapping[str, Any]], a: 
         raise ValueError("the collator placed the probe's second sample neither after the first in its row nor at "
                          "the start of the next row; check_packed_attention supports the flat, rows and padded "
                          "layouts")
-    packed = packed[start:start + len_b]
+    packed = _logits(model, packed_batch, device, start, start + len_b)
+    alone = _logits(model, alone_batch, device, 0, len_b)
+    leak = _logits(model, leak_batch, device, len_a, len_a + len_b)
     scale = float(alone.abs().max().clamp_min(1e-12))
     packed_error = float((packed - alone).abs().max()) / scale
     leak_error = float((leak - alone).abs().max()) / scale

@@ -174,6 +174,19 @@ def _sliding_window(model: Any) -> int | None:
     return window if isinstance(window, int) and window > 0 else None
 
 
+def _compute_dtype(model: Any, torch: Any) -> Any:
+    """The dtype activations run in: the config's (Unsloth sets it), else the input embeddings', else float32."""
+    config = getattr(model, "config", None)
+    dtype = getattr(config, "dtype", None)  # transformers 5 (torch_dtype is its deprecated alias)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    embeddings = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    dtype = getattr(getattr(embeddings, "weight", None), "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
 def _masked_rows(model: Any, max_seq_length: int, pad_token_id: int, varlen: str | None,
                  reason: str) -> BatchWiring | None:
     """The dense block-causal mask route on Unsloth (module docstring), or None when it does not apply or the check
@@ -188,25 +201,34 @@ def _masked_rows(model: Any, max_seq_length: int, pad_token_id: int, varlen: str
         logger.info("%s: no dense-mask route, its sliding window (%d) is shorter than max_seq_length (%d)",
                     _model_name(model), window, max_seq_length)
         return None
+    loaded = getattr(model, "max_seq_length", None)  # Unsloth's, from from_pretrained
+    if isinstance(loaded, int) and loaded < max_seq_length:
+        # Unsloth cuts longer inputs at its max_seq_length along the last dimension, the mask's key axis only
+        logger.info("%s: no dense-mask route, the model was loaded with max_seq_length = %d, below %d",
+                    _model_name(model), loaded, max_seq_length)
+        return None
     try:
         restore = keep_unsloth_attention_mask(model)
     except ValueError as err:
         logger.info("%s: no dense-mask route: %s", _model_name(model), err)
         return None
-    embeddings = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
-    dtype = getattr(getattr(embeddings, "weight", None), "dtype", torch.float32)
-    if not dtype.is_floating_point:
-        dtype = torch.float32
     collator = PackedDataCollator(pad_token_id=pad_token_id, layout="rows", capacity=max_seq_length,
-                                  metadata=("attention_mask", "use_cache"), mask_dtype=dtype)
-    result = check_packed_attention(model, collator, max_tokens=max_seq_length)
-    if not _agree(result.honoured and result.conclusive):
-        restore()
+                                  metadata=("attention_mask", "use_cache"), mask_dtype=_compute_dtype(model, torch))
+    kept = False
+    try:
+        result = check_packed_attention(model, collator, max_tokens=max_seq_length)
+        kept = _agree(result.honoured and result.conclusive)
+    finally:
+        if not kept:
+            restore()
+    if not kept:
         logger.info("%s with a dense block-causal mask: %s", _model_name(model), result.describe())
         return None
     logger.warning("%s. Training this model on packed rows with a dense block-causal attention mask instead (%s): "
-                   "the same samples and loss per step, attention over each whole row, so a micro-batch of P rows "
-                   "of L tokens costs P * L * L mask and score elements per layer (lower the per-device batch size "
-                   "if it runs out of memory). flash-attn with softcapping would let Unsloth run it packed without "
-                   "the mask", reason, result.describe())
+                   "the same samples per step, attention over each whole row, so a micro-batch of P rows of L tokens "
+                   "costs P * L * L mask and score elements per layer (lower the per-device batch size if it runs "
+                   "out of memory). Unsloth does not count the targets of batches with a 4-D mask; OpenSloth's window "
+                   "patch (patch_optimize_sft_trainer_batch_samples, opensloth train) counts them, without it the "
+                   "micro-batches of a step are weighted equally. flash-attn with softcapping would let Unsloth run "
+                   "it packed without the mask", reason, result.describe())
     return BatchWiring(collator, "masked_rows", result, varlen, reason)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import types
 
 import numpy as np
 import pytest
@@ -408,6 +409,40 @@ def test_trainer_get_batch_samples_wrapper_keeps_num_items(tmp_path):
     assert int(trainer._get_num_items_in_batch(out, torch.device("cpu"))) == int(count)
     assert window_samples(out) == window_samples(expected_batches)
     assert trainer_state(trainer).window_stats.changed
+
+
+def test_a_window_of_masked_rows_whose_count_was_dropped_is_recounted(tmp_path):
+    """Unsloth's counter returns no count for an attention_mask shaped unlike the labels (the masked rows' 4-D block
+    mask): the wrapper puts transformers' own count back, so micro-batches are weighted by their targets."""
+    from transformers import Trainer, TrainingArguments
+
+    from opensloth.collate import PackedDataCollator
+
+    class DropsCountsOf4dMasks(Trainer):  # what Unsloth's get_batch_samples does with these batches
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batches, count = super().get_batch_samples(epoch_iterator, num_batches, device)
+            return batches, (None if batches[0]["attention_mask"].dim() == 4 else count)
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=2)
+    trainer = DropsCountsOf4dMasks(model=tiny_qwen3(), args=args)
+    rng = np.random.default_rng(5)
+    collate = PackedDataCollator(layout="rows", capacity=48, metadata=("attention_mask", "use_cache"),
+                                 mask_dtype=torch.float32)
+    rows = [[rand_sample(rng, n, prompt=3) for n in g] for g in ([30, 10], [20, 6], [12, 3])]
+    features = [{"input_ids": np.concatenate([i for i, _ in r]), "labels": np.concatenate([lab for _, lab in r]),
+                 "seq_lengths": [len(i) for i, _ in r]} for r in rows]
+    batches = [collate(features[:2]), collate(features[2:])]
+    want = sum(int((b["labels"][..., 1:] != IGNORE).sum()) for b in batches)
+    assert want == sum(n - 3 for g in ([30, 10], [20, 6], [12, 3]) for n in g)  # prompts and boundaries untrained
+    assert trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))[1] is None
+    bs.install_on_trainer(trainer, repack=False)
+    _, count = trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
+    assert int(count) == want
+    # a window with a 2-D mask whose count was dropped for another reason is left alone
+    padded = [padded_batch([rand_sample(rng, n, prompt=1) for n in g]) for g in ([9, 3], [4, 8])]
+    trainer.get_batch_samples = types.MethodType(lambda self, it, n, d: (list(it), None), trainer)
+    bs.install_on_trainer(trainer, repack=False)
+    assert trainer.get_batch_samples(iter(padded), 2, torch.device("cpu"))[1] is None
 
 
 def _is_padding(sample) -> bool:

@@ -114,19 +114,35 @@ def test_unsloth_model_that_reads_only_a_kept_mask_trains_masked_rows(caplog):
     assert abs(_loss_of(model, batch) - want) < 1e-5
 
 
-@pytest.mark.parametrize("reason", ["leaks", "window"])
+@pytest.mark.parametrize("reason", ["leaks", "window", "loaded_shorter"])
 def test_unsloth_masked_rows_route_falls_back_to_padded_rows(reason, caplog):
-    """A model that reads no mask either, or whose sliding window is shorter than the rows (one mask cannot window
-    the sliding layers): padded rows, and Unsloth's flag is left as it was."""
+    """A model that reads no mask either, whose sliding window is shorter than the rows (one mask cannot window the
+    sliding layers), or that Unsloth loaded for shorter inputs (it would cut the mask's key axis only): padded rows,
+    and Unsloth's flag is left as it was."""
     if reason == "leaks":
         model = LosesBoundaries(tiny_qwen3())
-    else:
+    elif reason == "window":
         model = ReadsOnlyAKeptMask(tiny_qwen3(sliding_window=32, use_sliding_window=True))
+    else:
+        model = ReadsOnlyAKeptMask(tiny_qwen3())
+        model.max_seq_length = 48
     with caplog.at_level(logging.INFO, logger="opensloth"):
         wiring = wire(model, backend="unsloth")
     assert wiring.layout == "padded" and not wiring.packed and not wiring.check.honoured
     assert not hasattr(model.inner.model, "_unsloth_keep_padding_mask")
     assert ("sliding window (32) is shorter than max_seq_length (64)" in caplog.text) == (reason == "window")
+    assert ("loaded with max_seq_length = 48, below 64" in caplog.text) == (reason == "loaded_shorter")
+
+
+def test_masked_rows_mask_takes_the_models_compute_dtype():
+    from opensloth.wiring import _compute_dtype
+
+    model = tiny_qwen3()
+    assert _compute_dtype(model, torch) == torch.float32  # no config dtype: the embeddings'
+    model.config.dtype = torch.bfloat16  # what Unsloth's from_pretrained records, whatever dtype a layer holds
+    assert _compute_dtype(model, torch) == torch.bfloat16
+    model.config.dtype = "float16"
+    assert _compute_dtype(model, torch) == torch.float16
 
 
 def test_check_can_be_skipped():

@@ -36,12 +36,39 @@ def _repack_enabled() -> bool:
     return os.environ.get("OPENSLOTH_REPACK", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _recount(trainer: Any, batch_samples: list, device: Any) -> Any:
+    """transformers' own count of the window's targets (gathered over the ranks when the Trainer averages tokens
+    across devices), or None where this transformers has no ``Trainer._get_num_items_in_batch``."""
+    from transformers import Trainer
+
+    count = getattr(Trainer, "_get_num_items_in_batch", None)
+    if count is None:
+        logger.warning("this transformers has no Trainer._get_num_items_in_batch: windows of masked rows are not "
+                       "recounted, so their micro-batches are weighted equally instead of by their targets")
+        return None
+    if device is None:
+        device = getattr(getattr(trainer, "args", None), "device", None)
+    return count(trainer, batch_samples, device)
+
+
+def _masked_rows_window(batch_samples: list) -> bool:
+    return bool(batch_samples) and all(
+        isinstance(b, dict) and "labels" in b and getattr(b.get("attention_mask"), "ndim", 0) == 4
+        for b in batch_samples)
+
+
 def _make_wrapper(original: Any, trainer: Any) -> Any:
     """A bound get_batch_samples for ``trainer`` that calls ``original`` (bound) and re-cuts its window."""
 
     @functools.wraps(original)
     def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
         batch_samples, num_items_in_batch = original(epoch_iterator, num_batches, *args, **kwargs)
+        if num_items_in_batch is None and _masked_rows_window(batch_samples):
+            # Unsloth's counter gives up on an attention_mask shaped unlike the labels (the (P, 1, L, L) block mask of
+            # opensloth.wiring's masked rows): without a count the Trainer would average micro-batch means, not
+            # tokens. Every rank holds the same layout, so every rank takes this branch (the count may gather).
+            device = args[0] if args else kwargs.get("device")
+            num_items_in_batch = _recount(self, batch_samples, device)
         state = trainer_state(self)
         batch_samples, state.window_stats = repack_window(batch_samples, work_model=state.work_model,
                                                           repack=state.repack and _repack_enabled())
