@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import types
+from collections.abc import Mapping
 from typing import Any
 
 from opensloth.distributed import logger
@@ -53,7 +54,7 @@ def _recount(trainer: Any, batch_samples: list, device: Any) -> Any:
 
 def _masked_rows_window(batch_samples: list) -> bool:
     return bool(batch_samples) and all(
-        isinstance(b, dict) and "labels" in b and getattr(b.get("attention_mask"), "ndim", 0) == 4
+        isinstance(b, Mapping) and "labels" in b and getattr(b.get("attention_mask"), "ndim", 0) == 4
         for b in batch_samples)
 
 
