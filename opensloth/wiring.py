@@ -38,6 +38,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from opensloth.attention_check import PackedAttentionCheck, check_packed_attention
 from opensloth.batch import UNSLOTH_METADATA
 from opensloth.distributed import logger
@@ -73,7 +75,6 @@ def _model_name(model: Any) -> str:
 
 def _agree(honoured: bool) -> bool:
     """All ranks take the packed path only if every rank's check passed (collators must match across ranks)."""
-    import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -174,7 +175,7 @@ def _sliding_window(model: Any) -> int | None:
     return window if isinstance(window, int) and window > 0 else None
 
 
-def _compute_dtype(model: Any, torch: Any) -> Any:
+def _compute_dtype(model: Any) -> torch.dtype:
     """The dtype activations run in: the config's (Unsloth sets it), else the input embeddings', else float32."""
     config = getattr(model, "config", None)
     dtype = getattr(config, "dtype", None)  # transformers 5 (torch_dtype is its deprecated alias)
@@ -191,8 +192,6 @@ def _masked_rows(model: Any, max_seq_length: int, pad_token_id: int, varlen: str
                  reason: str) -> BatchWiring | None:
     """The dense block-causal mask route on Unsloth (module docstring), or None when it does not apply or the check
     does not pass through it (the model's flag is then put back as it was)."""
-    import torch
-
     from opensloth.collate import PackedDataCollator
     from opensloth.patching.unsloth_mask import keep_unsloth_attention_mask
 
@@ -213,7 +212,7 @@ def _masked_rows(model: Any, max_seq_length: int, pad_token_id: int, varlen: str
         logger.info("%s: no dense-mask route: %s", _model_name(model), err)
         return None
     collator = PackedDataCollator(pad_token_id=pad_token_id, layout="rows", capacity=max_seq_length,
-                                  metadata=("attention_mask", "use_cache"), mask_dtype=_compute_dtype(model, torch))
+                                  metadata=("attention_mask", "use_cache"), mask_dtype=_compute_dtype(model))
     kept = False
     try:
         result = check_packed_attention(model, collator, max_tokens=max_seq_length)

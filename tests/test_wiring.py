@@ -138,11 +138,11 @@ def test_masked_rows_mask_takes_the_models_compute_dtype():
     from opensloth.wiring import _compute_dtype
 
     model = tiny_qwen3()
-    assert _compute_dtype(model, torch) == torch.float32  # no config dtype: the embeddings'
+    assert _compute_dtype(model) == torch.float32  # no config dtype: the embeddings'
     model.config.dtype = torch.bfloat16  # what Unsloth's from_pretrained records, whatever dtype a layer holds
-    assert _compute_dtype(model, torch) == torch.bfloat16
+    assert _compute_dtype(model) == torch.bfloat16
     model.config.dtype = "float16"
-    assert _compute_dtype(model, torch) == torch.float16
+    assert _compute_dtype(model) == torch.float16
 
 
 def test_check_can_be_skipped():
