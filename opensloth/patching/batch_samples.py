@@ -14,6 +14,7 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
+from opensloth.batch import metadata_in
 from opensloth.distributed import logger
 from opensloth.patching.hooks import add_pre_train_hook, install_train_hook
 from opensloth.patching.state import trainer_state
@@ -54,8 +55,7 @@ def _recount(trainer: Any, batch_samples: list, device: Any) -> Any:
 
 def _masked_rows_window(batch_samples: list) -> bool:
     return bool(batch_samples) and all(
-        isinstance(b, Mapping) and "labels" in b and getattr(b.get("attention_mask"), "ndim", 0) == 4
-        for b in batch_samples)
+        isinstance(b, Mapping) and "labels" in b and "attention_mask" in metadata_in(b) for b in batch_samples)
 
 
 def _make_wrapper(original: Any, trainer: Any) -> Any:
