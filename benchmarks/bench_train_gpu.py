@@ -50,6 +50,7 @@ benchmarks/results/gpu_train.md (one section per shape group).
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import math
@@ -268,6 +269,11 @@ def build_random_model(cfg: BenchConfig, shape: str) -> Path:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     del model
+    if device == "cuda":
+        # This process outlives the workers that train: without this it kept the model's memory (53 GB for two 8B
+        # shapes on the H100, 2026-12-07), and a worker's work timings then ran out of memory.
+        gc.collect()
+        torch.cuda.empty_cache()
     tmp.rename(path)
     say(f"[bench] saved a random {shape} model to {path} ({time.perf_counter() - t0:.0f} s)")
     return path
@@ -325,6 +331,18 @@ def prepare_data(cfg: BenchConfig) -> dict:
     return info
 
 
+def check_enough_data(cfg: BenchConfig) -> None:
+    """Every trained step must be a full one: a timed window that runs past the end of the data times a short last
+    step (and the trainer starts a second epoch), which no other variant may share."""
+    info = cfg.data_info
+    need = (cfg.warmup_steps + cfg.steps) * cfg.micro_rows * cfg.grad_accum * cfg.nproc
+    if info["n_rows"] < need:
+        more = math.ceil(cfg.num_samples * need / info["n_rows"] * 1.05)
+        raise SystemExit(f"{cfg.warmup_steps + cfg.steps} steps of {cfg.micro_rows} rows x {cfg.grad_accum} x "
+                         f"{cfg.nproc} ranks need {need} packed rows; {cfg.num_samples} samples make "
+                         f"{info['n_rows']}: pass --num_samples {more} or more")
+
+
 def padded_batch(cfg: BenchConfig) -> int:
     """Samples per micro-batch of the unpacked variants: as many as ``micro_rows`` packed rows hold on average."""
     info = cfg.data_info
@@ -366,9 +384,14 @@ def _dist_info() -> tuple[int, int, int]:
 
 class _Counter:
     """Real tokens and token slots of each micro-batch, read from the batch on the CPU as the collator returns it
-    (the trainer's collator is wrapped after the trainer is built, so TRL's and Unsloth's are counted alike)."""
+    (the trainer's collator is wrapped after the trainer is built, so TRL's and Unsloth's are counted alike), and
+    credited to the optimizer step that trains it. The data loader collates ahead of training (accelerate fetches one
+    batch ahead to see the end of the data), so counting at collation would credit each step with the next step's
+    batch, and a timed window reaching the end of the data would lose a whole step's tokens. The counts wait in a
+    queue until ``consume`` (called once per micro-batch trained) takes them."""
 
     def __init__(self) -> None:
+        self.pending: collections.deque[tuple[int, int]] = collections.deque()
         self.real = 0
         self.slots = 0
 
@@ -377,22 +400,41 @@ class _Counter:
 
         def collate(features, *args, **kwargs):
             batch = collator(features, *args, **kwargs)
-            counter.slots += int(batch["input_ids"].numel())
+            slots = int(batch["input_ids"].numel())
             seq = [len(f["input_ids"]) for f in features if isinstance(f, dict) and "input_ids" in f]
             if len(seq) == len(features):
-                counter.real += sum(seq)  # every token of every feature is real; the rest is padding
+                real = sum(seq)  # every token of every feature is real; the rest is padding
             else:
                 mask = batch.get("attention_mask")
-                counter.real += int(mask.sum()) if getattr(mask, "dim", lambda: 0)() == 2 else \
-                    int(batch["input_ids"].numel())
+                real = int(mask.sum()) if getattr(mask, "dim", lambda: 0)() == 2 else slots
+            counter.pending.append((real, slots))
             return batch
 
         return collate
+
+    def consume(self) -> None:
+        if not self.pending:
+            raise RuntimeError("a micro-batch was trained that the counting collator never returned")
+        real, slots = self.pending.popleft()
+        self.real += real
+        self.slots += slots
 
     def take(self) -> tuple[int, int]:
         out = (self.real, self.slots)
         self.real = self.slots = 0
         return out
+
+    def instrument(self, trainer) -> None:
+        """Count the collator's batches and credit each to the ``training_step`` that trains it."""
+        trainer.data_collator = self.wrap(trainer.data_collator)
+        step = trainer.training_step
+        counter = self
+
+        def training_step(*args, **kwargs):
+            counter.consume()
+            return step(*args, **kwargs)
+
+        trainer.training_step = training_step
 
 
 def _timer_class():
@@ -525,7 +567,7 @@ def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer,
 
         install_on_trainer(trainer, repack=False)
     counter = _Counter()
-    trainer.data_collator = counter.wrap(trainer.data_collator)
+    counter.instrument(trainer)
     timer = _timer_class()(counter, cuda)
     trainer.add_callback(timer)
     if cuda:
@@ -856,6 +898,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg.data_info = prepare_data(cfg)
+    check_enough_data(cfg)
     cfg_path = Path(cfg.out_dir) / "config.json"
     cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
     command = "python " + shlex.join(["benchmarks/bench_train_gpu.py"] + (argv if argv is not None else sys.argv[1:]))

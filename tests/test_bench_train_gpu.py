@@ -105,3 +105,48 @@ def test_median_step_rate_ignores_one_slow_step(bench):
     assert bench._median_rate(tokens, seconds) == 1000.0
     assert bench._median_rate([100, 300], [1.0, 1.0]) == 200.0
     assert math.isnan(bench._median_rate([], []))
+
+
+def test_each_step_is_credited_with_the_tokens_it_trains(bench, tmp_path):
+    """The data loader collates one batch ahead; the last step (one row, no padding) must still get its own tokens."""
+    from transformers import Trainer, TrainingArguments
+
+    from tests._models import tiny_qwen3
+
+    lengths = [7, 12, 5, 9, 11]
+    rows = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in lengths]
+
+    def pad(features):
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.zeros(len(features), width, dtype=torch.long)
+        labels = torch.full((len(features), width), -100)
+        mask = torch.zeros(len(features), width, dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, num_train_epochs=1,
+                             save_strategy="no", report_to="none", use_cpu=True, remove_unused_columns=False,
+                             logging_steps=100, seed=0)
+    trainer = Trainer(model=tiny_qwen3().train(), args=args, train_dataset=rows, data_collator=pad)
+    counter = bench._Counter()
+    counter.instrument(trainer)
+    timer = bench._timer_class()(counter, False)
+    trainer.add_callback(timer)
+    trainer.train()
+    assert len(timer.real) == 3
+    assert sum(timer.real) == sum(lengths)
+    assert timer.real[-1] == timer.slots[-1] and timer.real[-1] in lengths  # one row alone: nothing padded
+    assert all(r > 0 for r in timer.real[:2]) and all(s >= r for r, s in zip(timer.real, timer.slots))
+
+
+def test_too_little_data_for_the_timed_steps_is_refused(bench):
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(data_info={"n_rows": 84}, warmup_steps=2, steps=4, micro_rows=16, grad_accum=1, nproc=1,
+                          num_samples=1500)
+    with pytest.raises(SystemExit, match="need 96 packed rows.*--num_samples 1800"):
+        bench.check_enough_data(cfg)
+    cfg.micro_rows = 14  # 84 rows: six full steps
+    bench.check_enough_data(cfg)
