@@ -10,7 +10,10 @@ so no gradient check could pass on them. At 0.05 (CPU, bf16, transformers 5.17, 
 moves the loss by at most 3.6e-5 and the gradients by 0.7% to 1.05% relative L2 for every family, while letting the
 documents attend to each other moves the gradients by 107% to 130% (the loss by 1.3e-4 to 5.4e-3).
 
-Oracle: each sample alone (one sample per micro-batch, eval mode, no packing metadata). Under test: the samples in
+Oracle: each sample alone (one sample per micro-batch, eval mode, no packing metadata), right-padded with ignored
+labels to one width: a causal model's logits at a sample's tokens do not depend on what follows them, and one width
+means one compile of Unsloth's kernels where eight lengths meant eight (Gemma 2's softcapping attention autotunes
+each new shape, which kept its tests from finishing in 200 s on the H100, 2026-12-07). Under test: the samples in
 one packed row, collated by the collator `opensloth.wiring.wire_batches` chose for the family (Unsloth's flat
 packed protocol; where the family's attention does not keep packed samples apart, rows with a dense block-causal
 mask or else padded rows), in train mode. The padded fallback is checked against the same oracle for every family.
@@ -115,13 +118,18 @@ def _forward_backward(model, batch, train: bool) -> tuple[float, torch.Tensor]:
     return float(loss), grads
 
 
-def _reference(model, samples):
-    """Token-weighted mean loss and gradient of the samples run alone (eval mode, plain causal batches)."""
+def _reference(model, samples, pad_token_id: int):
+    """Token-weighted mean loss and gradient of the samples run alone (eval mode, plain causal batches, each
+    right-padded to the longest sample's width with ignored labels)."""
     n = [int((torch.as_tensor(lab)[1:] != -100).sum()) for _, lab in samples]
     total = sum(n)
+    width = max(len(ids) for ids, _ in samples)
     loss_sum, grad_sum = 0.0, None
     for (ids, lab), n_i in zip(samples, n):
-        batch = {"input_ids": torch.as_tensor(ids)[None], "labels": torch.as_tensor(lab)[None], "use_cache": False}
+        ids_row = torch.full((1, width), pad_token_id, dtype=torch.long)
+        lab_row = torch.full((1, width), -100, dtype=torch.long)
+        ids_row[0, : len(ids)], lab_row[0, : len(lab)] = torch.as_tensor(ids), torch.as_tensor(lab)
+        batch = {"input_ids": ids_row, "labels": lab_row, "use_cache": False}
         loss, grads = _forward_backward(model, batch, train=False)
         loss_sum += loss * n_i
         grad_sum = grads * (n_i / total) if grad_sum is None else grad_sum + grads * (n_i / total)
@@ -133,11 +141,11 @@ def _rel(a, b) -> float:
 
 
 def test_packed_row_equals_samples_alone(family_model, samples):
-    family, model, _, wiring = family_model
+    family, model, tokenizer, wiring = family_model
     assert wiring.check is not None and wiring.check.conclusive, wiring.check
     assert wiring.layout in ("flat", "masked_rows", "padded")
     assert (wiring.layout != "padded") == wiring.check.honoured  # padded exactly when every packed route leaked
-    ref_loss, ref_grads, n_targets = _reference(model, samples)
+    ref_loss, ref_grads, n_targets = _reference(model, samples, tokenizer.pad_token_id)
     assert n_targets > 500 and ref_grads.norm() > 0
     row = {"input_ids": np.concatenate([s[0] for s in samples]), "labels": np.concatenate([s[1] for s in samples]),
            "seq_lengths": np.array([len(s[0]) for s in samples])}
@@ -165,7 +173,7 @@ def test_padded_fallback_equals_samples_alone(family_model, samples):
     from opensloth.collate import PackedDataCollator
 
     family, model, tokenizer, _ = family_model
-    ref_loss, ref_grads, _ = _reference(model, samples)
+    ref_loss, ref_grads, _ = _reference(model, samples, tokenizer.pad_token_id)
     rows = [{"input_ids": np.concatenate([s[0] for s in half]), "labels": np.concatenate([s[1] for s in half]),
              "seq_lengths": np.array([len(s[0]) for s in half])} for half in (samples[:4], samples[4:])]
     batch = PackedDataCollator(pad_token_id=tokenizer.pad_token_id, layout="padded")(rows)
