@@ -528,7 +528,7 @@ def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer,
     info = cfg.data_info
     cuda = torch.cuda.is_available()
     kwargs: dict[str, Any] = {}
-    collator = None
+    collator = wiring = None
     note = ""
     layout = "-"
     batch = cfg.micro_rows
@@ -562,6 +562,8 @@ def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer,
         ddp_find_unused_parameters=False if world > 1 else None, gradient_checkpointing=cuda, **kwargs)
     trainer = sft_trainer_class()(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                                    data_collator=collator)
+    if wiring is not None:
+        wiring.attach(trainer)
     if layout == "masked_rows":  # Unsloth drops the target count of 4-D masks; the window patch puts it back
         from opensloth.patching.batch_samples import install_on_trainer
 

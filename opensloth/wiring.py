@@ -8,7 +8,10 @@ collator for a training run.
   every architecture it supports: one flat (1, T) row per micro-batch with ``position_ids`` restarting per sample
   and ``packed_seq_lengths`` (`opensloth.collate` ``layout="flat"``, `UNSLOTH_METADATA` of `opensloth.batch`). On
   torch < 2.12 Unsloth's own FlashAttention-2 varlen branch is switched on (`opensloth.patching.unsloth_varlen`),
-  so attention is one varlen call per layer there too, as on the torch that ``pip install unsloth`` brings.
+  so attention is one varlen call per layer there too, as on the torch that ``pip install unsloth`` brings. What
+  Unsloth's own ``packing=True`` also switches on is switched on too (`opensloth.patching.unsloth_packing`): varlen
+  attention for models on the transformers modeling path here, FA3 / FA4 kernels during training through
+  `BatchWiring.attach` on the trainer.
 - transformers + peft (``backend="hf"``): the flat layout for padding-free samples and one-row micro-batches, else
   fixed-capacity rows (transformers builds the block-causal mask from ``position_ids``: per row, not over the whole
   micro-batch).
@@ -65,6 +68,15 @@ class BatchWiring:
     @property
     def packed(self) -> bool:
         return self.layout in ("flat", "rows", "masked_rows")
+
+    def attach(self, trainer: Any) -> None:
+        """Call once on the trainer built with this collator: on Unsloth's flat protocol it sets up what Unsloth's
+        own ``packing=True`` sets up on its trainer (FA3 / FA4 flash kernels during ``train()`` where installed and
+        Unsloth's probe passes: `opensloth.patching.unsloth_packing`). Nothing on other backends and layouts."""
+        if self.varlen is not None and self.layout == "flat":
+            from opensloth.patching.unsloth_packing import scope_unsloth_flash_impl
+
+            scope_unsloth_flash_impl(trainer, getattr(trainer, "model", None))
 
 
 def _model_name(model: Any) -> str:
@@ -133,9 +145,11 @@ def wire_batches(model: Any, *, backend: str, packing: str, max_seq_length: int,
         return BatchWiring(DataCollatorForLanguageModeling(pad_token_id=pad_token_id), "trl_padded")
     varlen = None
     if backend == "unsloth":
+        from opensloth.patching.unsloth_packing import enable_unsloth_packed_attention
         from opensloth.patching.unsloth_varlen import switch_on_unsloth_varlen
 
         varlen = switch_on_unsloth_varlen()
+        enable_unsloth_packed_attention()  # before the check: the check then covers it
     collator, layout = _packed_collator(backend, packing, max_seq_length, pad_token_id, per_device_batch_size)
     result = None
     honoured = True

@@ -94,6 +94,7 @@ def main() -> None:
         processing_class=tokenizer,
         data_collator=wiring.collator,
     )
+    wiring.attach(trainer)  # what Unsloth's own packing=True sets up on its trainer (FA3 / FA4 where installed)
     trainer.train()
 
 

@@ -608,6 +608,7 @@ def build_trainer(config: TrainConfig, model, tokenizer, train_dataset, eval_dat
         processing_class=tokenizer,
         data_collator=wiring.collator,
     )
+    wiring.attach(trainer)
     if config.packing == "balanced":
         from opensloth.patching.dataloader import use_balanced_sampler
 
