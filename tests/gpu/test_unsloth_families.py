@@ -205,6 +205,7 @@ def test_sft_trainer_trains_packed_rows(family_model, chat_records, qwen3_tokeni
     model.train()
     trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
                          data_collator=wiring.collator)
+    wiring.attach(trainer)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     print(f"\n{family} ({wiring.layout}): losses {losses}")
