@@ -8,7 +8,11 @@
 #
 # Time on the H100 (2026-12-07): the six families' tests alone need more than 560 s, Gemma 2's more than 200 s by
 # themselves (Unsloth autotunes its softcapping attention for every new shape); the recipe and DDP tests together
-# 285 s. Give tests/gpu/test_unsloth_families.py one call (or two, with -k) and the recipe and DDP tests another.
+# 285 s; Qwen3-8B with three variants about 250 s. So one stage per call (a machine stays warm 30 s between calls):
+#   LIMIT=585 TESTS_CAP=585 STAGES=tests bash scripts/gpu_session.sh     # the family tests (TESTS="... -k gemma2")
+#   LIMIT=585 STAGES=8b bash scripts/gpu_session.sh                      # Qwen3-8B, Llama-3.1-8B
+#   LIMIT=585 ARCH_CAP=400 STAGES="arch 06b" bash scripts/gpu_session.sh # a small model per family, Qwen3-0.6B
+#   TESTS="tests/gpu/test_recipe_shared_gpu.py tests/gpu/test_ddp_shared_gpu.py" for the torchrun tests
 #
 # Setup (../shared/gpu/README.md): .gpu/site.tgz (bash ../shared/gpu/make_site_bundle.sh .gpu/site.tgz) and
 # .gpu/data/{tokenizers/qwen3,chat} copied from ../shared/data; the call carries .gpu:
@@ -16,7 +20,7 @@
 set -u
 LIMIT=${LIMIT:-560}
 STAGES=${STAGES:-"tests 06b arch 8b"}
-TESTS=${TESTS:-"tests/gpu/test_unsloth_families.py tests/gpu/test_ddp_shared_gpu.py tests/gpu/test_recipe_shared_gpu.py"}
+TESTS=${TESTS:-"tests/gpu/test_unsloth_families.py"}
 VARIANTS_06B=${VARIANTS_06B:-unsloth_packing,unsloth_auto,opensloth,unsloth_packing}
 VARIANTS_8B=${VARIANTS_8B:-unsloth_packing,unsloth_auto,opensloth,unsloth_packing}
 MICRO_8B=${MICRO_8B:-16}  # rows of 4096 per micro-batch at 8B: 8 peaked at 12-13 GB on the H200; the issue asks for the largest that fits
