@@ -136,6 +136,15 @@ def _reference(model, samples, pad_token_id: int):
     return loss_sum / total, grad_sum, total
 
 
+def _hf_packed_attention_stats() -> dict:
+    """Unsloth's counters of packed attention calls on the transformers modeling path (switched on by wire_batches)."""
+    try:
+        from unsloth.utils.hf_packed_attention import HF_PACKED_ATTENTION_STATS
+    except ImportError:
+        return {}
+    return dict(HF_PACKED_ATTENTION_STATS)
+
+
 def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -150,9 +159,12 @@ def test_packed_row_equals_samples_alone(family_model, samples):
     row = {"input_ids": np.concatenate([s[0] for s in samples]), "labels": np.concatenate([s[1] for s in samples]),
            "seq_lengths": np.array([len(s[0]) for s in samples])}
     batch = wiring.collator([row])
+    stats = _hf_packed_attention_stats()
     loss, grads = _forward_backward(model, batch, train=True)
+    calls = {k: v - stats.get(k, 0) for k, v in _hf_packed_attention_stats().items()}
     print(f"\n{family} ({wiring.layout}): packed loss {loss:.6f} vs alone {ref_loss:.6f} (rel "
-          f"{abs(loss - ref_loss) / ref_loss:.2e}); grad rel err {_rel(grads, ref_grads):.2e}; {n_targets} targets")
+          f"{abs(loss - ref_loss) / ref_loss:.2e}); grad rel err {_rel(grads, ref_grads):.2e}; {n_targets} targets; "
+          f"Unsloth's varlen on the transformers path (calls in this step): {calls or 'not there'}")
     assert math.isfinite(loss)
     assert abs(loss - ref_loss) <= LOSS_RTOL * abs(ref_loss)
     assert _rel(grads, ref_grads) <= GRAD_RTOL
