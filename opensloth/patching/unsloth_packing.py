@@ -2,9 +2,10 @@
 
 Why: when Unsloth's trainer packs or goes padding-free (``enable_sample_packing`` / ``enable_padding_free_metadata``
 in ``unsloth/utils/packing.py``, read against 2026.10.9), it also sets up two things, and it does so only when the
-collator is TRL's (it looks for ``torch_call``). A trainer fed by OpenSloth's collator gets neither, so without this
-module our packed rows would run slower than Unsloth's own in a fresh process (the benchmark never showed it: its
-Unsloth anchor runs first in the same process and switches the first one on for everything after it).
+collator is TRL's (it looks for TRL's ``torch_call`` or ``padding_free``). A trainer fed by OpenSloth's collator gets
+neither, so without this module our packed rows could run slower than Unsloth's own in a fresh process (not measured
+yet; the benchmark could not show it: its Unsloth anchor runs first in the same process and switches the first one
+on for everything after it).
 
 What:
 - `enable_unsloth_packed_attention` calls Unsloth's ``enable_hf_packed_attention()``. It applies process-wide, to
