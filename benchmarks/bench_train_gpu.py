@@ -333,14 +333,20 @@ def prepare_data(cfg: BenchConfig) -> dict:
 
 def check_enough_data(cfg: BenchConfig) -> None:
     """Every trained step must be a full one: a timed window that runs past the end of the data times a short last
-    step (and the trainer starts a second epoch), which no other variant may share."""
+    step (and the trainer starts a second epoch), which no other variant may share. Packed variants need rows, the
+    sample-batched ones (``unsloth_auto``, ``opensloth_padding_free``) samples; 5% spare, since TRL's rows for
+    ``unsloth_packing`` are not ours and ``padded_batch`` rounds."""
     info = cfg.data_info
-    need = (cfg.warmup_steps + cfg.steps) * cfg.micro_rows * cfg.grad_accum * cfg.nproc
-    if info["n_rows"] < need:
-        more = math.ceil(cfg.num_samples * need / info["n_rows"] * 1.05)
-        raise SystemExit(f"{cfg.warmup_steps + cfg.steps} steps of {cfg.micro_rows} rows x {cfg.grad_accum} x "
-                         f"{cfg.nproc} ranks need {need} packed rows; {cfg.num_samples} samples make "
-                         f"{info['n_rows']}: pass --num_samples {more} or more")
+    micro_batches = (cfg.warmup_steps + cfg.steps) * cfg.grad_accum * cfg.nproc
+    needs = [("packed rows", micro_batches * cfg.micro_rows, info["n_rows"])]
+    if {"unsloth_auto", "opensloth_padding_free"} & set(cfg.variants):
+        needs.append(("samples", micro_batches * padded_batch(cfg), info["n_samples"]))
+    for what, need, have in needs:
+        if have < math.ceil(need * 1.05):
+            more = math.ceil(cfg.num_samples * need * 1.05 / have * 1.05)
+            raise SystemExit(f"{cfg.warmup_steps + cfg.steps} steps x {cfg.grad_accum} x {cfg.nproc} ranks need "
+                             f"{need} {what} and 5% spare; {cfg.num_samples} samples make {have}: pass "
+                             f"--num_samples {more} or more")
 
 
 def padded_batch(cfg: BenchConfig) -> int:
@@ -425,7 +431,12 @@ class _Counter:
         return out
 
     def instrument(self, trainer) -> None:
-        """Count the collator's batches and credit each to the ``training_step`` that trains it."""
+        """Count the collator's batches and credit each to the ``training_step`` that trains it. Only for a trainer
+        that collates its training batches in this process and nothing else (no evaluation inside ``train()``)."""
+        args = trainer.args
+        evaluates = getattr(getattr(args, "eval_strategy", "no"), "value", getattr(args, "eval_strategy", "no"))
+        if args.dataloader_num_workers or evaluates != "no":
+            raise ValueError("token counting needs dataloader_num_workers=0 and no evaluation during train()")
         trainer.data_collator = self.wrap(trainer.data_collator)
         step = trainer.training_step
         counter = self

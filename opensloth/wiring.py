@@ -72,7 +72,8 @@ class BatchWiring:
     def attach(self, trainer: Any) -> None:
         """Call once on the trainer built with this collator: on Unsloth's flat protocol it sets up what Unsloth's
         own ``packing=True`` sets up on its trainer (FA3 / FA4 flash kernels during ``train()`` where installed and
-        Unsloth's probe passes: `opensloth.patching.unsloth_packing`). Nothing on other backends and layouts."""
+        Unsloth's own conditions and probe pass: `opensloth.patching.unsloth_packing`). Nothing on other backends and
+        layouts."""
         if self.varlen is not None and self.layout == "flat":
             from opensloth.patching.unsloth_packing import scope_unsloth_flash_impl
 

@@ -144,9 +144,25 @@ def test_each_step_is_credited_with_the_tokens_it_trains(bench, tmp_path):
 def test_too_little_data_for_the_timed_steps_is_refused(bench):
     from types import SimpleNamespace
 
-    cfg = SimpleNamespace(data_info={"n_rows": 84}, warmup_steps=2, steps=4, micro_rows=16, grad_accum=1, nproc=1,
-                          num_samples=1500)
-    with pytest.raises(SystemExit, match="need 96 packed rows.*--num_samples 1800"):
+    cfg = SimpleNamespace(data_info={"n_rows": 84, "n_samples": 1500}, warmup_steps=2, steps=4, micro_rows=16,
+                          grad_accum=1, nproc=1, num_samples=1500, variants=["unsloth_packing", "opensloth"],
+                          padded_batch=0)
+    with pytest.raises(SystemExit, match=r"need 96 packed rows and 5% spare; 1500 samples make 84: pass --num_samples"):
         bench.check_enough_data(cfg)
-    cfg.micro_rows = 14  # 84 rows: six full steps
+    cfg.micro_rows = 13  # 78 rows and 5% spare fit in 84
     bench.check_enough_data(cfg)
+    cfg.variants.append("unsloth_auto")  # 6 micro-batches of 300 samples: 1,800 of 1,500
+    cfg.padded_batch = 300
+    with pytest.raises(SystemExit, match=r"need 1800 samples"):
+        bench.check_enough_data(cfg)
+    cfg.padded_batch = 0  # as many samples as 13 rows hold on average: 232 per micro-batch, 1,392 in all
+    bench.check_enough_data(cfg)
+
+
+def test_token_counting_refuses_a_trainer_it_would_miscount(bench):
+    from types import SimpleNamespace
+
+    for args in (SimpleNamespace(dataloader_num_workers=2, eval_strategy="no"),
+                 SimpleNamespace(dataloader_num_workers=0, eval_strategy="steps")):
+        with pytest.raises(ValueError, match="dataloader_num_workers=0 and no evaluation"):
+            bench._Counter().instrument(SimpleNamespace(args=args))

@@ -22,8 +22,8 @@ module on first use:
   Unsloth's own keep-the-mask flag so a dense block-causal mask reaches Gemma 2's attention in training.
 - ``enable_unsloth_packed_attention()`` and ``scope_unsloth_flash_impl(trainer, model)``
   (`opensloth.patching.unsloth_packing`, used by `opensloth.wiring` and ``BatchWiring.attach``): call the two
-  functions of Unsloth's that its own ``packing=True`` calls, and calls only for TRL's collator (varlen attention on
-  the transformers modeling path; FA3 / FA4 kernels during training where installed).
+  functions of Unsloth's that its own ``packing=True`` calls, and calls only when the trainer is given no collator
+  (varlen attention on the transformers modeling path; FA3 / FA4 kernels during training where installed).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """What Unsloth's own ``SFTTrainer(packing=True)`` switches on besides its collator, for runs fed by OpenSloth's.
 
 Why: when Unsloth's trainer packs or goes padding-free (``enable_sample_packing`` / ``enable_padding_free_metadata``
-in ``unsloth/utils/packing.py``, read against 2026.10.9), it also sets up two things, and it does so only when the
-collator is TRL's (it looks for TRL's ``torch_call`` or ``padding_free``). A trainer fed by OpenSloth's collator gets
+in ``unsloth/utils/packing.py``, read against 2026.10.9), it also sets up two things. It does so only when the user
+passes no ``data_collator``: its trainer init turns packing and padding-free off for any given collator
+(``blocked = data_collator is not None or ...``, unsloth/trainer.py 1912). A trainer fed by OpenSloth's collator gets
 neither, so without this module our packed rows could run slower than Unsloth's own in a fresh process (not measured
 yet; the benchmark could not show it: its Unsloth anchor runs first in the same process and switches the first one
 on for everything after it).
@@ -15,7 +16,8 @@ What:
   micro-batch's whole flat row. Batches without ``packed_seq_lengths`` go to the original SDPA as before.
 - `scope_unsloth_flash_impl` calls Unsloth's ``scope_flash_attention_impl_to_train(trainer, model, "seq_lengths")``.
   Then, during ``trainer.train()`` only, torch's flash kernels run as FA3 (Hopper, hidden size >= 2048) or FA4
-  (Blackwell) when that package is installed and Unsloth's probe of it passes; otherwise nothing changes.
+  (Blackwell, documents of 1024 tokens or more on average, read from the rows' ``seq_lengths``) when that package is
+  installed and Unsloth's probe of it passes; otherwise nothing changes (as on our GPU machine, which has neither).
 
 Both are feature-detected, not version-gated. Where this Unsloth lacks the function, a warning says so once and
 Unsloth stays as it is, which trains correctly. The packed-attention check of `opensloth.wiring` runs after the
