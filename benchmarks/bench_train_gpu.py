@@ -692,6 +692,14 @@ def _work_timings(cfg: BenchConfig, shape: str, model, device) -> list[dict]:
     return out
 
 
+def _flash_impl_state() -> str | None:
+    """Unsloth's own account of its FA3 / FA4 choice for the last training (its packing=True and
+    `BatchWiring.attach` scope it to train()), or None off Unsloth."""
+    module = sys.modules.get("unsloth.utils.flash_impl")
+    state = getattr(module, "FLASH_IMPL_STATE", None)
+    return state.get("reason") if isinstance(state, dict) else None
+
+
 def _run_label(variants: list[str] | tuple[str, ...], i: int) -> str:
     """A variant's name in the results, with " #k" on its k-th run where the list repeats it (to time an anchor
     again once everything the process compiles has been compiled)."""
@@ -764,7 +772,7 @@ def _run_shape_here(cfg: BenchConfig, shape: str) -> None:
                 torch.cuda.empty_cache()
         r["variant"] = label
         if "error" not in r:
-            r.update(flops_per_token=fpt, load_s=load_s, varlen=varlen, gpu=gpu,
+            r.update(flops_per_token=fpt, load_s=load_s, varlen=varlen, gpu=gpu, flash_impl=_flash_impl_state(),
                      mfu=(r["tokens_per_s"] * fpt / (peak * 1e12)) if peak else None)
             say(f"[bench] {shape} / {variant}: {r['tokens_per_s']:,.0f} real tokens/s, peak {r['peak_gb']:.2f} GB, "
                 f"eval loss {r['eval_loss']:.4f}" + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] else ""))
