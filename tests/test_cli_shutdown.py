@@ -60,3 +60,52 @@ def test_one_process_has_no_barrier(calls, monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda: 1)
     assert cli.run_command("opensloth train", lambda: None) == 0
     assert calls == ["destroy"]
+
+
+def test_a_finished_run_frees_cyclic_garbage_before_the_final_barrier(calls, monkeypatch):
+    import gc
+
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append("collect") or 0)
+    assert cli.run_command("opensloth train", lambda: None) == 0
+    assert calls == ["collect", "barrier", "destroy"]
+
+
+def test_under_torchrun_a_fatal_signal_prints_python_stacks(monkeypatch):
+    import faulthandler
+
+    enabled = []
+    monkeypatch.setattr(faulthandler, "is_enabled", lambda: False)
+    monkeypatch.setattr(faulthandler, "enable", lambda **kw: enabled.append(kw))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cli._stacks_on_fatal_signal()
+    assert enabled == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cli._stacks_on_fatal_signal()
+    assert enabled == [{"all_threads": True}]
+
+
+def test_the_launch_helpers_retry_a_teardown_abort_once_and_nothing_else():
+    from tests.integration.shared_launch import TEARDOWN_ABORT, retry_once_on_teardown_abort
+
+    def failing(messages):
+        calls = []
+
+        def launch():
+            calls.append(1)
+            if len(calls) <= len(messages):
+                raise AssertionError(messages[len(calls) - 1])
+            return "ok"
+
+        return launch, calls
+
+    launch, calls = failing([f"exit -6 ... {TEARDOWN_ABORT}"])
+    with pytest.warns(UserWarning, match="aborted at teardown"):
+        assert retry_once_on_teardown_abort(launch) == "ok"
+    assert len(calls) == 2
+    launch, calls = failing([TEARDOWN_ABORT, TEARDOWN_ABORT])
+    with pytest.warns(UserWarning), pytest.raises(AssertionError):
+        retry_once_on_teardown_abort(launch)
+    launch, calls = failing(["exit 1: a real failure"])
+    with pytest.raises(AssertionError, match="a real failure"):
+        retry_once_on_teardown_abort(launch)
+    assert len(calls) == 1

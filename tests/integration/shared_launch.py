@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +47,22 @@ def launch_env(**extra: str) -> dict:
     return env
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def retry_once_on_teardown_abort(launch):
+    """``launch()``, run again once if a rank aborted with C++'s "terminate called without an active exception": a
+    rare abort of a rank at the end of a finished CPU run under gloo (seen twice in CI, never reproduced; the
+    training CLI now prints Python stacks on such a signal). A second abort, or any other failure, fails the test."""
+    try:
+        return launch()
+    except AssertionError as err:
+        if TEARDOWN_ABORT not in str(err):
+            raise
+        warnings.warn(f"a rank aborted at teardown ({TEARDOWN_ABORT}); launching once more", stacklevel=2)
+        return launch()
+
+
 def _check(procs: list[tuple[list[str], subprocess.CompletedProcess]]) -> list[subprocess.CompletedProcess]:
     for cmd, out in procs:
         if out.returncode != 0:
@@ -71,12 +88,15 @@ def run_two_nodes(args: list[str], cwd: Path, env: dict, timeout: float = 600,
 
     The rendezvous port is free when picked but another process may take it before torchrun binds it; a launch that
     fails on a port already in use is retried once on a new port."""
-    try:
-        return _launch_two_nodes(args, cwd, env, timeout, script or SCRIPT)
-    except AssertionError as err:
-        if "address already in use" not in str(err).lower():
-            raise
-        return _launch_two_nodes(args, cwd, env, timeout, script or SCRIPT)
+    def launch():
+        try:
+            return _launch_two_nodes(args, cwd, env, timeout, script or SCRIPT)
+        except AssertionError as err:
+            if "address already in use" not in str(err).lower():
+                raise
+            return _launch_two_nodes(args, cwd, env, timeout, script or SCRIPT)
+
+    return retry_once_on_teardown_abort(launch)
 
 
 def _launch_two_nodes(args: list[str], cwd: Path, env: dict, timeout: float,

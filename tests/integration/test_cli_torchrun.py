@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.shared_launch import retry_once_on_teardown_abort
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,10 +41,13 @@ def _env(tmp_path: Path) -> dict:
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=500)
-    assert out.returncode == 0, f"exit {out.returncode}: {' '.join(cmd)}\n--- stdout\n{out.stdout[-3000:]}\n" \
-                                f"--- stderr\n{out.stderr[-6000:]}"
-    return out
+    def launch():
+        out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=500)
+        assert out.returncode == 0, f"exit {out.returncode}: {' '.join(cmd)}\n--- stdout\n{out.stdout[-3000:]}\n" \
+                                    f"--- stderr\n{out.stderr[-6000:]}"
+        return out
+
+    return retry_once_on_teardown_abort(launch)
 
 
 def test_torchrun_runs_the_console_command_and_python_m(tmp_path):
