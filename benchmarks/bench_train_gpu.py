@@ -434,8 +434,8 @@ class _Counter:
         """Count the collator's batches and credit each to the ``training_step`` that trains it. Only for a trainer
         that collates its training batches in this process and nothing else (no evaluation inside ``train()``)."""
         args = trainer.args
-        evaluates = getattr(getattr(args, "eval_strategy", "no"), "value", getattr(args, "eval_strategy", "no"))
-        if args.dataloader_num_workers or evaluates != "no":
+        strategy = getattr(args, "eval_strategy", "no")
+        if args.dataloader_num_workers or getattr(strategy, "value", strategy) != "no":
             raise ValueError("token counting needs dataloader_num_workers=0 and no evaluation during train()")
         trainer.data_collator = self.wrap(trainer.data_collator)
         step = trainer.training_step
