@@ -85,7 +85,7 @@ def test_under_torchrun_a_fatal_signal_prints_python_stacks(monkeypatch):
 
 
 def test_the_launch_helpers_retry_a_teardown_abort_once_and_nothing_else():
-    from tests.integration.shared_launch import TEARDOWN_ABORT, retry_once_on_teardown_abort
+    from tests.integration.shared_launch import TEARDOWN_ABORT, retry_launch_once
 
     def failing(messages):
         calls = []
@@ -100,12 +100,12 @@ def test_the_launch_helpers_retry_a_teardown_abort_once_and_nothing_else():
 
     launch, calls = failing([f"exit -6 ... {TEARDOWN_ABORT}"])
     with pytest.warns(UserWarning, match="aborted at teardown"):
-        assert retry_once_on_teardown_abort(launch) == "ok"
+        assert retry_launch_once(launch) == "ok"
     assert len(calls) == 2
     launch, calls = failing([TEARDOWN_ABORT, TEARDOWN_ABORT])
     with pytest.warns(UserWarning), pytest.raises(AssertionError):
-        retry_once_on_teardown_abort(launch)
+        retry_launch_once(launch)
     launch, calls = failing(["exit 1: a real failure"])
     with pytest.raises(AssertionError, match="a real failure"):
-        retry_once_on_teardown_abort(launch)
+        retry_launch_once(launch)
     assert len(calls) == 1

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.shared_launch import retry_once_on_teardown_abort
+from tests.integration.shared_launch import retry_launch_once
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -47,7 +47,7 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
                                     f"--- stderr\n{out.stderr[-6000:]}"
         return out
 
-    return retry_once_on_teardown_abort(launch)
+    return retry_launch_once(launch)
 
 
 def test_torchrun_runs_the_console_command_and_python_m(tmp_path):
