@@ -1099,10 +1099,11 @@ def _stacks_on_fatal_signal() -> None:
 
 def _shutdown_process_group(*, wait_for_peers: bool = False) -> None:
     """Tear the process group down. After a finished run, every rank first waits at a barrier, so that no rank
-    leaves while another still finishes its last steps: rank 0 hosts the rendezvous store and takes it with it. (A
+    leaves while another still finishes its last steps: node 0 hosts the rendezvous store and takes it with it. (A
     two-node CPU test once saw rank 0 exit cleanly and rank 1 abort under gloo with "terminate called without an
-    active exception" right after that; this is the likely cause.) A run that failed skips the barrier: its peers
-    may never reach it."""
+    active exception" right after that; this barrier was the fix tried, and a CI run saw the abort again with it, so
+    the cause is open: see `_stacks_on_fatal_signal`.) A run that failed skips the barrier: its peers may never
+    reach it."""
     torch = sys.modules.get("torch")
     if torch is None:
         return
