@@ -817,8 +817,22 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+INTERRUPTED = "interrupted"
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM (what `timeout` sends) interrupt this process as Ctrl-C does, so `run_shapes` stops its worker
+    and the variants finished so far are still reported."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def run_shapes(cfg: BenchConfig, cfg_path: Path, shapes: list[str]) -> list[dict]:
-    """One worker process (under torchrun with --nproc) trains every variant of ``shapes``; results per shape."""
+    """One worker process (under torchrun with --nproc) trains every variant of ``shapes``; results per shape, the
+    unfinished variants as errors (``"rc interrupted"`` when this process was stopped)."""
     name = shapes[0] if len(shapes) == 1 else f"{shapes[0]}-and-{len(shapes) - 1}-more"
     log = Path(cfg.out_dir) / f"{name}.log"
     for shape in shapes:
@@ -829,12 +843,20 @@ def run_shapes(cfg: BenchConfig, cfg_path: Path, shapes: list[str]) -> list[dict
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=worker_env(), start_new_session=True,
                                 cwd=str(ROOT))
+        # The worker runs in its own session (so a kill takes its torchrun children too), which also means a signal
+        # to this process does not reach it: stopped here (SIGINT, or SIGTERM through `interrupt_on_sigterm`), this
+        # process kills it, or it trains on and skews whatever runs on the GPU next.
+        rc: Any
         try:
-            rc: Any = proc.wait(timeout=cfg.timeout * len(shapes))
+            rc = proc.wait(timeout=cfg.timeout * len(shapes))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             rc = "timeout"
+        except KeyboardInterrupt:
+            rc = INTERRUPTED
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     wall = time.perf_counter() - t0
     results: list[dict] = []
     for shape in shapes:
@@ -933,9 +955,13 @@ def main(argv: list[str] | None = None) -> int:
             results += [{"shape": shape, "variant": v, "error": f"model: {type(exc).__name__}: {exc}"[:300]}
                         for v in cfg.variants]
     groups = [[s] for s in ready] if args.isolate else ([ready] if ready else [])
+    interrupt_on_sigterm()
     for group in groups:
         results += run_shapes(cfg, cfg_path, group)
         Path(cfg.out_dir, "results.json").write_text(json.dumps(results, indent=1))
+        if any(r.get("error") == f"rc {INTERRUPTED}" for r in results):
+            say("[bench] stopped: the table below holds the variants finished so far")
+            break
     table = results_table(results)
     from benchmarks._report import machine_header
 

@@ -166,3 +166,61 @@ def test_token_counting_refuses_a_trainer_it_would_miscount(bench):
                  SimpleNamespace(dataloader_num_workers=0, eval_strategy="steps")):
         with pytest.raises(ValueError, match="dataloader_num_workers=0 and no evaluation"):
             bench._Counter().instrument(SimpleNamespace(args=args))
+
+
+_FAKE_WORKER = """
+import json, subprocess, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+(out / "s.json").write_text(json.dumps([{"shape": "s", "variant": "a", "tokens_per_s": 1.0}]))
+(out / "pids").write_text(f"{__import__('os').getpid()} {child.pid}")
+time.sleep(600)
+"""
+
+_ORCHESTRATOR = """
+import json, sys
+from pathlib import Path
+from types import SimpleNamespace
+import benchmarks.bench_train_gpu as bench
+out = Path(sys.argv[1])
+bench.worker_command = lambda cfg_path, shapes, nproc: [sys.executable, str(out / "worker.py"), str(out)]
+bench.interrupt_on_sigterm()
+cfg = SimpleNamespace(out_dir=str(out), nproc=1, timeout=600, variants=["a", "b"])
+print("RESULTS " + json.dumps(bench.run_shapes(cfg, out / "config.json", ["s"])))
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_stopped_benchmark_stops_its_worker_and_keeps_what_finished(tmp_path):
+    """`timeout` stops the orchestrator with SIGTERM; its worker runs in a session of its own, so without the handler
+    it trained on (seen on the GPU: the next call's benchmark ran beside it)."""
+    import time
+
+    (tmp_path / "worker.py").write_text(_FAKE_WORKER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", _ORCHESTRATOR, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=str(ROOT))
+    pids_file = tmp_path / "pids"
+    deadline = time.monotonic() + 60
+    while not pids_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pids_file.exists(), proc.communicate(timeout=30)[0]
+    worker, grandchild = (int(p) for p in pids_file.read_text().split())
+    proc.terminate()
+    out, _ = proc.communicate(timeout=60)
+    results = json.loads(out.split("RESULTS ", 1)[1])
+    assert [r["variant"] for r in results] == ["a", "b"]
+    assert "error" not in results[0] and results[1]["error"] == "rc interrupted"
+    deadline = time.monotonic() + 10
+    while (_running(worker) or _running(grandchild)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(worker) and not _running(grandchild)
