@@ -25,6 +25,7 @@ STAGES=${STAGES:-"tests 06b arch 8b"}
 TESTS=${TESTS:-"tests/gpu/test_unsloth_families.py"}
 VARIANTS_06B=${VARIANTS_06B:-unsloth_packing,unsloth_auto,opensloth,unsloth_packing}
 VARIANTS_8B=${VARIANTS_8B:-unsloth_packing,unsloth_auto,opensloth,unsloth_packing}
+SHAPES_8B=${SHAPES_8B:-qwen3_8b,llama31_8b}
 MICRO_8B=${MICRO_8B:-16}  # rows of 4096 per micro-batch at 8B: 8 peaked at 12-13 GB on the H200; the issue asks for the largest that fits
 SAMPLES_8B=${SAMPLES_8B:-$(( 120 * MICRO_8B ))}  # 2+4 full steps: about 18 samples fill a row of 4096
 ARCH_SHAPES=${ARCH_SHAPES:-arch}  # or one family's small model, e.g. small_gemma2
@@ -65,7 +66,7 @@ fi
 if want 8b && [ "$(left)" -gt 200 ]; then
   # TORCH_LOGS=recompiles: our Qwen3-8B run had one slow step, the 4th, on the H100 and on the H200 (6.94 s and 7.44 s
   # against 5.5-5.9 s), and Llama-3.1-8B none; the log says whether it is a recompile.
-  say "8B shapes with $(left)s left"; TORCH_LOGS=${TORCH_LOGS-recompiles} timeout "$(( $(left) - 5 ))" python benchmarks/bench_train_gpu.py --shapes qwen3_8b,llama31_8b \
+  say "8B shapes with $(left)s left"; TORCH_LOGS=${TORCH_LOGS-recompiles} timeout "$(( $(left) - 5 ))" python benchmarks/bench_train_gpu.py --shapes "$SHAPES_8B" \
     --variants "$VARIANTS_8B" --lora_targets all --micro_rows "$MICRO_8B" --warmup_steps 2 --steps 4 \
     --num_samples "$SAMPLES_8B" --eval_samples 8 --work_dir /tmp/b8 --out_dir /tmp/c/b8 --timeout 400 --work_timings \
     --work_max_tokens 8192 > /tmp/c/bench_8b.log 2>&1
