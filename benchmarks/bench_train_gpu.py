@@ -31,7 +31,9 @@ linear layer of the blocks), Unsloth's gradient checkpointing, the real Qwen3 to
 Qwen3's vocabulary of 151,936 for its embedding and LM head; the Llama-3.1-8B shape's own is 128,256).
 
 Order matters: the first variant of a process compiles what Unsloth compiles (each transformer block, per new
-shape), and a recompile that falls inside its timed steps slows it, not the later variants. Name an anchor twice
+shape), and a recompile that falls inside its timed steps slows it, not the later variants. So does a step whose
+micro-batch is the largest its process has met (see ``_prime``): each process first trains one untimed micro-batch
+of the largest packed size (``--no_prime`` leaves it out). Name an anchor twice
 (``--variants unsloth_packing,unsloth_auto,opensloth,unsloth_packing``): its second run is labelled
 ``unsloth_packing #2`` and the speed-up columns compare against an anchor's last run. The ``median step tok/s``
 column (the median of the timed steps' rates) stays put where one slow step moves the total; a gap between the two
@@ -149,6 +151,7 @@ class BenchConfig:
     unsloth_fallback: bool = False
     work_timings: bool = False
     work_max_tokens: int = 16384
+    prime: bool = True
     data_info: dict = field(default_factory=dict)
 
     @property
@@ -191,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work_timings", action="store_true",
                    help="also time micro-batches of controlled composition (for benchmarks/sim_scaling.py)")
     p.add_argument("--work_max_tokens", type=int, default=16384, help="largest micro-batch of the work timings")
+    p.add_argument("--no_prime", action="store_true",
+                   help="skip the untimed full micro-batch each process trains first (see _prime; to show its effect)")
     p.add_argument("--write_results", action="store_true", help="write a section of benchmarks/results/gpu_train.md")
     p.add_argument("--section", default=None, help="name of that section (default: the shapes)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
@@ -236,7 +241,8 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         num_samples=args.num_samples, eval_samples=args.eval_samples, learning_rate=args.learning_rate,
         lora_r=args.lora_r, lora_targets=args.lora_targets, load_in_4bit=not args.no_4bit and args.backend == "unsloth",
         seed=args.seed, backend=args.backend, nproc=args.nproc, timeout=args.timeout,
-        unsloth_fallback=args.unsloth_fallback, work_timings=args.work_timings, work_max_tokens=args.work_max_tokens)
+        unsloth_fallback=args.unsloth_fallback, work_timings=args.work_timings, work_max_tokens=args.work_max_tokens,
+        prime=not args.no_prime)
 
 
 # ------------------------------------------------------------------------------------------------ preparation
@@ -692,6 +698,65 @@ def _work_timings(cfg: BenchConfig, shape: str, model, device) -> list[dict]:
     return out
 
 
+def full_rows(rows: Any, n_rows: int, capacity: int, seed: int = 0) -> list[dict]:
+    """``n_rows`` packed rows of exactly ``capacity`` tokens: the first rows of ``rows`` (a packed dataset with
+    ``seq_lengths``), each topped up to capacity with one more document of random tokens (its own segment)."""
+    import numpy as np
+
+    if len(rows) < n_rows:
+        raise ValueError(f"{len(rows)} packed rows; the prime needs {n_rows}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n_rows):
+        ids, labels, seq = list(rows[i]["input_ids"]), list(rows[i]["labels"]), list(rows[i]["seq_lengths"])
+        free = capacity - sum(seq)
+        if free < 0:
+            raise ValueError(f"row {i} holds {sum(seq)} tokens, above the capacity {capacity}")
+        if free:
+            filler = rng.integers(100, 1000, size=free).tolist()
+            ids, labels, seq = ids + filler, labels + filler, seq + [free]
+        out.append({"input_ids": ids, "labels": labels, "seq_lengths": seq})
+    return out
+
+
+def _prime(cfg: BenchConfig, model, tokenizer, device) -> tuple[str, float]:
+    """One untimed forward + backward of the largest micro-batch a packed variant trains (``micro_rows`` rows of
+    ``max_seq_length`` tokens, in the layout `wire_batches` picks for this model), before the first variant.
+
+    Why: a flat micro-batch's length T changes every step, and on Qwen3-8B (H100 and H200, 2026-12-07) every slow
+    timed step, 0.6 to 2.7 s above the others' 5.4-5.9 s, was one whose T was the largest of its process so far: the
+    first anchor's 3rd and 6th steps and our 4th (`benchmarks/step_tokens.py` prints T by step). Which part pays is
+    not pinned down: Unsloth's offloaded gradient checkpointing regrows its pinned host buffers to the exact new size,
+    copying what they hold, but Llama-3.1-8B, with the same T by step, had no slow step. A long run meets its largest
+    T early; a benchmark of 2+4 steps does not, so without the prime the variants that meet a new largest T inside
+    their timed steps pay for it, and the order of the variants decides which. The prime also takes Unsloth's first
+    compile out of the first variant's steps. Returns (layout, seconds)."""
+    import torch
+    from datasets import load_from_disk
+
+    from opensloth.wiring import wire_batches
+
+    wiring = wire_batches(model, backend=cfg.backend, packing="packed", max_seq_length=cfg.max_seq_length,
+                          pad_token_id=tokenizer.pad_token_id, per_device_batch_size=cfg.micro_rows)
+    rows = full_rows(load_from_disk(cfg.data_info["rows"]), cfg.micro_rows, cfg.max_seq_length, cfg.seed)
+    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in wiring.collator(rows).items()}
+    model.train()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model(**batch).loss.backward()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    del batch
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return wiring.layout, seconds
+
+
 def _flash_impl_state() -> str | None:
     """Unsloth's own account of its FA3 / FA4 choice for the last training (its packing=True and
     `BatchWiring.attach` scope it to train()), or None off Unsloth."""
@@ -753,6 +818,21 @@ def _run_shape_here(cfg: BenchConfig, shape: str) -> None:
     gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = peak_tflops(gpu)
     out_prefix = Path(cfg.out_dir) / shape
+    prime = None
+    if cfg.prime:
+        try:
+            layout, seconds = _prime(cfg, model, tokenizer, device)
+            prime = f"{cfg.micro_rows} rows of {cfg.max_seq_length} ({layout}), {seconds:.1f} s"
+            say(f"[bench] {shape}: primed with one untimed micro-batch of {prime}")
+        except Exception as exc:  # noqa: BLE001 - the variants still run, unprimed, and the table says so
+            import traceback
+
+            traceback.print_exc()
+            prime = f"failed ({type(exc).__name__}: {str(exc)[:120]}), variants unprimed"
+            say(f"[bench] {shape}: prime {prime}")
+            model.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.empty_cache()
     results = []
     for i, variant in enumerate(cfg.variants):
         label = _run_label(cfg.variants, i)
@@ -773,6 +853,7 @@ def _run_shape_here(cfg: BenchConfig, shape: str) -> None:
         r["variant"] = label
         if "error" not in r:
             r.update(flops_per_token=fpt, load_s=load_s, varlen=varlen, gpu=gpu, flash_impl=_flash_impl_state(),
+                     prime=prime,
                      mfu=(r["tokens_per_s"] * fpt / (peak * 1e12)) if peak else None)
             say(f"[bench] {shape} / {variant}: {r['tokens_per_s']:,.0f} real tokens/s, peak {r['peak_gb']:.2f} GB, "
                 f"eval loss {r['eval_loss']:.4f}" + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] else ""))
@@ -928,6 +1009,11 @@ def setup_lines(cfg: BenchConfig, results: list[dict]) -> str:
         "- MFU: model FLOPs per real token = 4 x matmul weights (blocks + LM head) + 6 x LoRA weights + 12 x layers "
         "x heads x head_dim x causal pairs per token of the training samples, over 989 TFLOP/s (bf16 dense)",
     ]
+    primes = sorted({r["prime"] for r in results if r.get("prime")})
+    if primes:
+        lines.append("- before the first variant, each process trained one untimed micro-batch of the largest size a "
+                     f"packed variant trains ({'; '.join(primes)}), so that no variant meets a new largest micro-batch "
+                     "inside its timed steps (`_prime`; `--no_prime` leaves it out)")
     return "\n".join(lines)
 
 

@@ -40,6 +40,29 @@ def test_bench_runs_under_torchrun_with_two_ranks(shared_data, tmp_path):
     assert 0.5 * result["slots"] < result["real_tokens"] <= result["slots"]
     assert result["tokens_per_s"] > 0 and result["eval_loss"] > 0
     assert "| cpu_tiny | hf_opensloth | rows | 2 rows x 1 |" in proc.stdout
+    assert result["prime"].startswith("2 rows of 256 (rows)")  # each rank primed with one full micro-batch first
+    assert "untimed micro-batch of the largest size" in proc.stdout
+
+
+def test_prime_rows_are_full_and_keep_the_real_documents(bench):
+    from datasets import Dataset
+
+    rows = Dataset.from_list([
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, -100, 9], "seq_lengths": [3, 2]},
+        {"input_ids": [1, 2, 3, 4, 5, 6, 7, 8], "labels": [1, 2, 3, 4, 5, 6, 7, 8], "seq_lengths": [8]},
+        {"input_ids": [4], "labels": [4], "seq_lengths": [1]},
+    ])
+    out = bench.full_rows(rows, 2, 8)
+    assert len(out) == 2
+    first, second = out
+    assert first["seq_lengths"] == [3, 2, 3] and len(first["input_ids"]) == len(first["labels"]) == 8
+    assert first["input_ids"][:5] == [5, 6, 7, 8, 9] and first["labels"][:5] == [-100, 6, 7, -100, 9]
+    assert first["labels"][5:] == first["input_ids"][5:]  # the filler document is trained, as a real one would be
+    assert second == {"input_ids": list(range(1, 9)), "labels": list(range(1, 9)), "seq_lengths": [8]}
+    with pytest.raises(ValueError, match="needs 4"):
+        bench.full_rows(rows, 4, 8)
+    with pytest.raises(ValueError, match="above the capacity 4"):
+        bench.full_rows(rows, 1, 4)
 
 
 @pytest.mark.parametrize("shape", ["qwen3_0.6b", "llama31_8b", "small_gemma2"])
@@ -224,3 +247,36 @@ def test_a_stopped_benchmark_stops_its_worker_and_keeps_what_finished(tmp_path):
     while (_running(worker) or _running(grandchild)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _running(worker) and not _running(grandchild)
+
+
+def test_step_tokens_marks_each_new_largest_micro_batch(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.step_tokens import growth_steps
+
+    assert growth_steps([65528, 65509, 65528, 65531, 65269]) == [1, 4]  # a tie is not a new largest
+    assert growth_steps([3, 3, 5, 4, 6]) == [1, 3, 5]
+    assert growth_steps([]) == []
+
+
+@pytest.mark.integration
+def test_step_tokens_prints_both_layouts_from_the_benchmark_data(shared_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from datasets import load_from_disk
+
+    from benchmarks import step_tokens
+    from opensloth.sampler import BalancedBatchSampler
+
+    args = ["--shapes", "cpu_tiny", "--backend", "hf", "--micro_rows", "2", "--warmup_steps", "1", "--steps", "2",
+            "--num_samples", "64", "--eval_samples", "4", "--work_dir", str(tmp_path),
+            "--data_dir", str(shared_data / "chat"), "--tokenizer", str(shared_data / "tokenizers" / "qwen3")]
+    assert step_tokens.main(args) == 0
+    out = capsys.readouterr().out
+    (rows_dir,) = tmp_path.glob("data_*/rows")
+    seq = load_from_disk(str(rows_dir))["seq_lengths"]
+    expected = [sum(sum(seq[i]) for i in b) for b in list(BalancedBatchSampler(seq_lengths=seq, batch_size=2,
+                                                                               seed=3407))[:3]]
+    ours = next(line for line in out.splitlines() if line.strip().startswith("opensloth"))
+    assert ours.split()[1:4] == [f"{t:,}," for t in expected[:2]] + [f"{expected[2]:,};"]
+    trl = next(line for line in out.splitlines() if line.strip().startswith("unsloth_packing"))
+    trl_tokens = [int(x.strip(",;").replace(",", "")) for x in trl.split()[1:4]]
+    assert len(trl_tokens) == 3 and all(0 < t <= 2 * 256 for t in trl_tokens)  # 2 rows of at most 256 each
