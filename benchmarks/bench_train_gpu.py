@@ -152,11 +152,17 @@ class BenchConfig:
     work_timings: bool = False
     work_max_tokens: int = 16384
     prime: bool = True
+    profile_steps: int = 0
     data_info: dict = field(default_factory=dict)
 
     @property
     def rows_per_step(self) -> int:
         return self.micro_rows * self.grad_accum
+
+    @property
+    def trained_steps(self) -> int:
+        """Optimizer steps each variant trains: the warm-up, the timed steps, then the profiled ones."""
+        return self.warmup_steps + self.steps + self.profile_steps
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -196,6 +202,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work_max_tokens", type=int, default=16384, help="largest micro-batch of the work timings")
     p.add_argument("--no_prime", action="store_true",
                    help="skip the untimed full micro-batch each process trains first (see _prime; to show its effect)")
+    p.add_argument("--profile_steps", type=int, default=0,
+                   help="N more steps after the timed ones, under torch.profiler: SHAPE_VARIANT_profile.txt in the out "
+                        "dir (where the step time goes; the timed figures do not include them)")
     p.add_argument("--write_results", action="store_true", help="write a section of benchmarks/results/gpu_train.md")
     p.add_argument("--section", default=None, help="name of that section (default: the shapes)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
@@ -225,8 +234,10 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         variants = ["hf_opensloth"]
     elif "hf_opensloth" in variants:
         raise SystemExit("hf_opensloth runs without Unsloth: pass --backend hf")
-    if min(args.nproc, args.micro_rows, args.grad_accum, args.steps) < 1 or args.warmup_steps < 0:
-        raise SystemExit("--nproc, --micro_rows, --grad_accum and --steps must be positive, --warmup_steps >= 0")
+    if min(args.nproc, args.micro_rows, args.grad_accum, args.steps) < 1 or min(args.warmup_steps,
+                                                                                  args.profile_steps) < 0:
+        raise SystemExit("--nproc, --micro_rows, --grad_accum and --steps must be positive, --warmup_steps and "
+                         "--profile_steps >= 0")
     from benchmarks._shared_data import shared_data_dir
 
     shared = shared_data_dir()
@@ -242,7 +253,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         lora_r=args.lora_r, lora_targets=args.lora_targets, load_in_4bit=not args.no_4bit and args.backend == "unsloth",
         seed=args.seed, backend=args.backend, nproc=args.nproc, timeout=args.timeout,
         unsloth_fallback=args.unsloth_fallback, work_timings=args.work_timings, work_max_tokens=args.work_max_tokens,
-        prime=not args.no_prime)
+        prime=not args.no_prime, profile_steps=args.profile_steps)
 
 
 # ------------------------------------------------------------------------------------------------ preparation
@@ -343,14 +354,14 @@ def check_enough_data(cfg: BenchConfig) -> None:
     sample-batched ones (``unsloth_auto``, ``opensloth_padding_free``) samples; 5% spare, since TRL's rows for
     ``unsloth_packing`` are not ours and ``padded_batch`` rounds."""
     info = cfg.data_info
-    micro_batches = (cfg.warmup_steps + cfg.steps) * cfg.grad_accum * cfg.nproc
+    micro_batches = cfg.trained_steps * cfg.grad_accum * cfg.nproc
     needs = [("packed rows", micro_batches * cfg.micro_rows, info["n_rows"])]
     if {"unsloth_auto", "opensloth_padding_free"} & set(cfg.variants):
         needs.append(("samples", micro_batches * padded_batch(cfg), info["n_samples"]))
     for what, need, have in needs:
         if have < math.ceil(need * 1.05):
             more = math.ceil(cfg.num_samples * need * 1.05 / have * 1.05)
-            raise SystemExit(f"{cfg.warmup_steps + cfg.steps} steps x {cfg.grad_accum} x {cfg.nproc} ranks need "
+            raise SystemExit(f"{cfg.trained_steps} steps x {cfg.grad_accum} x {cfg.nproc} ranks need "
                              f"{need} {what} and 5% spare; {cfg.num_samples} samples make {have}: pass "
                              f"--num_samples {more} or more")
 
@@ -485,6 +496,62 @@ def _timer_class():
     return Timer
 
 
+def _profiler_class():
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        """torch.profiler over the optimizer steps after ``first`` (0-based count of steps done), written as tables
+        to ``path``: the busiest operators by time on the CPU and on the GPU, and how much of the wall time the GPU
+        was busy (a step the GPU waits through is one the CPU side holds up)."""
+
+        def __init__(self, first: int, path: Path, cuda: bool) -> None:
+            self.first, self.path, self.cuda = first, path, cuda
+            self.prof = None
+            self.t0 = 0.0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            import torch
+
+            if state.global_step == self.first and self.prof is None:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if self.cuda:
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                    torch.cuda.synchronize()
+                self.prof = torch.profiler.profile(activities=activities)
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.prof is None:
+                return
+            import torch
+
+            if self.cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            self.path.write_text(profile_report(self.prof.key_averages(), wall, state.global_step - self.first))
+
+    return StepProfiler
+
+
+def profile_report(averages, wall_s: float, steps: int) -> str:
+    """The tables of a profiled window: GPU busy share of the wall time, then the top operators by self time."""
+    def device_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
+
+    gpu_us = sum(device_us(e) for e in averages)
+    busy = 100 * gpu_us / 1e6 / wall_s if wall_s else 0.0  # kernels of several streams may overlap: can pass 100%
+    lines = [f"profiled {steps} steps: wall {1000 * wall_s:.1f} ms ({1000 * wall_s / max(1, steps):.1f} ms per step); "
+             f"GPU kernels {gpu_us / 1000:.1f} ms ({busy:.1f}% of the wall)", ""]
+    for title, key in (("by self CPU time", lambda e: e.self_cpu_time_total), ("by self GPU time", device_us)):
+        rows = sorted(averages, key=key, reverse=True)[:25]
+        lines += [title, f"{'ms':>10} {'calls':>7}  name"]
+        lines += [f"{key(e) / 1000:10.2f} {e.count:7d}  {e.key[:110]}" for e in rows if key(e) > 0]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _load(cfg: BenchConfig, shape: str, local_rank: int):
     """(model, tokenizer) with LoRA, for this shape and backend."""
     import torch
@@ -535,7 +602,8 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer, device, world: int) -> dict:
+def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer, device, world: int,
+                   label: str | None = None) -> dict:
     import torch
     from datasets import load_from_disk
     from trl import SFTConfig
@@ -569,7 +637,7 @@ def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer,
         collator, layout = wiring.collator, wiring.layout
         note = wiring.check.describe() if wiring.check is not None else ""
         kwargs.update(remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})
-    total_steps = cfg.warmup_steps + cfg.steps
+    total_steps = cfg.trained_steps
     args = SFTConfig(
         output_dir=str(Path(cfg.work_dir) / "trainer" / shape / variant), per_device_train_batch_size=batch,
         gradient_accumulation_steps=cfg.grad_accum, max_steps=total_steps, learning_rate=cfg.learning_rate,
@@ -589,6 +657,9 @@ def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer,
     counter.instrument(trainer)
     timer = _timer_class()(counter, cuda)
     trainer.add_callback(timer)
+    if cfg.profile_steps:
+        path = Path(cfg.out_dir) / f"{shape}_{(label or variant).replace(' #', '_')}_profile.txt"
+        trainer.add_callback(_profiler_class()(cfg.warmup_steps + cfg.steps, path, cuda))
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -842,7 +913,7 @@ def _run_shape_here(cfg: BenchConfig, shape: str) -> None:
                     p.copy_(trainable[n])
         say(f"[bench] {shape} / {variant}: training {cfg.warmup_steps}+{cfg.steps} steps")
         try:
-            r = _train_variant(cfg, shape, variant, model, tokenizer, device, world)
+            r = _train_variant(cfg, shape, variant, model, tokenizer, device, world, label)
         except Exception as exc:  # noqa: BLE001 - one failed variant must not lose the others
             import traceback
 

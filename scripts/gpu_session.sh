@@ -28,6 +28,9 @@ VARIANTS_8B=${VARIANTS_8B:-unsloth_packing,unsloth_auto,opensloth,unsloth_packin
 # Ours twice as well: at 0.06-0.1 s steps the order moves a small model's figures by 10-40% (Gemma 3 on the H100,
 # 2026-12-07: the anchor's first run 0.61-0.69x its second, ours 0.86-0.88x), so each side's later run is its figure.
 VARIANTS_ARCH=${VARIANTS_ARCH:-unsloth_packing,opensloth,unsloth_packing,opensloth}
+# Profiled steps after the timed ones (SHAPE_VARIANT_profile.txt under arch/): ours lost about 9 ms per 0.06-0.09 s
+# step on Gemma 3, unexplained; the profile says whether the GPU waits on the CPU side there.
+ARCH_PROFILE=${ARCH_PROFILE:-3}
 SHAPES_8B=${SHAPES_8B:-qwen3_8b,llama31_8b}
 MICRO_8B=${MICRO_8B:-16}  # rows of 4096 per micro-batch at 8B: 8 peaked at 12-13 GB on the H200; the issue asks for the largest that fits
 SAMPLES_8B=${SAMPLES_8B:-$(( 120 * MICRO_8B ))}  # 2+4 full steps: about 18 samples fill a row of 4096
@@ -62,9 +65,10 @@ if want 06b; then
 fi
 if want arch; then
   say "a small model per family"; timeout "$(cap "$ARCH_CAP")" python benchmarks/bench_train_gpu.py --shapes "$ARCH_SHAPES" --variants "$VARIANTS_ARCH" \
-    --warmup_steps 2 --steps 4 --num_samples 1200 --eval_samples 12 --work_dir /tmp/barch --out_dir /tmp/c/arch \
+    --warmup_steps 2 --steps 4 --profile_steps "$ARCH_PROFILE" --num_samples 1200 --eval_samples 12 --work_dir /tmp/barch --out_dir /tmp/c/arch \
     --timeout $(( ARCH_CAP - 10 )) > /tmp/c/bench_arch.log 2>&1
   echo "arch rc $?"; pack; grep -A16 "^| shape" /tmp/c/bench_arch.log
+  for f in /tmp/c/arch/*_profile.txt; do [ -f "$f" ] && echo "$(basename "$f"): $(head -1 "$f")"; done
 fi
 if want 8b && [ "$(left)" -gt 200 ]; then
   # TORCH_LOGS=recompiles: our Qwen3-8B run had one slow step, the 4th, on the H100 and on the H200 (6.94 s and 7.44 s

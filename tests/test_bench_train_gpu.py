@@ -165,15 +165,17 @@ def test_each_step_is_credited_with_the_tokens_it_trains(bench, tmp_path):
 
 
 def test_too_little_data_for_the_timed_steps_is_refused(bench):
-    from types import SimpleNamespace
-
-    cfg = SimpleNamespace(data_info={"n_rows": 84, "n_samples": 1500}, warmup_steps=2, steps=4, micro_rows=16,
-                          grad_accum=1, nproc=1, num_samples=1500, variants=["unsloth_packing", "opensloth"],
-                          padded_batch=0)
+    cfg = bench.BenchConfig(shapes=["qwen3_8b"], variants=["unsloth_packing", "opensloth"], tokenizer_dir="",
+                            data_dir="", work_dir="", out_dir="", data_info={"n_rows": 84, "n_samples": 1500},
+                            warmup_steps=2, steps=4, micro_rows=16, grad_accum=1, nproc=1, num_samples=1500)
     with pytest.raises(SystemExit, match=r"need 96 packed rows and 5% spare; 1500 samples make 84: pass --num_samples"):
         bench.check_enough_data(cfg)
     cfg.micro_rows = 13  # 78 rows and 5% spare fit in 84
     bench.check_enough_data(cfg)
+    cfg.profile_steps = 1  # profiled steps train data too: 7 x 13 = 91 rows
+    with pytest.raises(SystemExit, match=r"7 steps x 1 x 1 ranks need 91 packed rows"):
+        bench.check_enough_data(cfg)
+    cfg.profile_steps = 0
     cfg.variants.append("unsloth_auto")  # 6 micro-batches of 300 samples: 1,800 of 1,500
     cfg.padded_batch = 300
     with pytest.raises(SystemExit, match=r"need 1800 samples"):
@@ -280,3 +282,21 @@ def test_step_tokens_prints_both_layouts_from_the_benchmark_data(shared_data, tm
     trl = next(line for line in out.splitlines() if line.strip().startswith("unsloth_packing"))
     trl_tokens = [int(x.strip(",;").replace(",", "")) for x in trl.split()[1:4]]
     assert len(trl_tokens) == 3 and all(0 < t <= 2 * 256 for t in trl_tokens)  # 2 rows of at most 256 each
+
+
+@pytest.mark.integration
+def test_profiled_steps_come_after_the_timed_ones_and_write_a_report(shared_data, tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train_gpu.py"), "--shapes", "cpu_tiny", "--backend", "hf",
+           "--micro_rows", "2", "--warmup_steps", "1", "--steps", "2", "--profile_steps", "2", "--num_samples", "96",
+           "--eval_samples", "4", "--work_dir", str(tmp_path), "--data_dir", str(shared_data / "chat"),
+           "--tokenizer", str(shared_data / "tokenizers" / "qwen3"), "--timeout", "300", "--no_prime"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = json.loads((tmp_path / "runs" / "results.json").read_text())
+    assert result["steps"] == 1 + 2 + 2 and result["timed_steps"] == 2 and len(result["step_s"]) == 2
+    assert result.get("prime") is None and "untimed micro-batch" not in proc.stdout  # --no_prime
+    report = (tmp_path / "runs" / "cpu_tiny_hf_opensloth_profile.txt").read_text()
+    assert report.startswith("profiled 2 steps: wall ")
+    cpu_table = report.split("by self CPU time\n", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    assert cpu_table and any("aten::" in line for line in cpu_table)
