@@ -62,6 +62,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -828,6 +829,21 @@ def _prime(cfg: BenchConfig, model, tokenizer, device) -> tuple[str, float]:
     return wiring.layout, seconds
 
 
+def _model_flags_as_loaded(model) -> Callable[[], None]:
+    """A function that puts back the model's flags that OpenSloth's wiring may set, as they were at load: Unsloth's
+    keep-the-attention-mask flag, which the dense-mask route (Gemma 2) sets on the model and keeps. Each variant
+    starts from it, so an Unsloth anchor that runs after our variant or the prime runs as its users run it (in the
+    fourth session's Gemma 2 run it did not: the anchor's repeat kept the padding mask it would have dropped)."""
+    from opensloth.patching.unsloth_mask import keep_unsloth_attention_mask
+
+    try:
+        restore = keep_unsloth_attention_mask(model)  # sets the flag and records what was there before...
+    except ValueError:  # no backbone with embed_tokens: no flag to keep
+        return lambda: None
+    restore()  # ...which this puts back, now and before every variant
+    return restore
+
+
 def _flash_impl_state() -> str | None:
     """Unsloth's own account of its FA3 / FA4 choice for the last training (its packing=True and
     `BatchWiring.attach` scope it to train()), or None off Unsloth."""
@@ -884,6 +900,7 @@ def _run_shape_here(cfg: BenchConfig, shape: str) -> None:
     model, tokenizer = _load(cfg, shape, local_rank)
     load_s = time.perf_counter() - t_load
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    as_loaded = _model_flags_as_loaded(model)
     lora_params = sum(p.numel() for p in trainable.values())
     fpt = flops_per_token(model.config, cfg.data_info["pairs_per_token"], lora_params)
     gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
@@ -911,6 +928,7 @@ def _run_shape_here(cfg: BenchConfig, shape: str) -> None:
             for n, p in model.named_parameters():
                 if n in trainable:
                     p.copy_(trainable[n])
+        as_loaded()
         say(f"[bench] {shape} / {variant}: training {cfg.warmup_steps}+{cfg.steps} steps")
         try:
             r = _train_variant(cfg, shape, variant, model, tokenizer, device, world, label)

@@ -300,3 +300,28 @@ def test_profiled_steps_come_after_the_timed_ones_and_write_a_report(shared_data
     assert report.startswith("profiled 2 steps: wall ")
     cpu_table = report.split("by self CPU time\n", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
     assert cpu_table and any("aten::" in line for line in cpu_table)
+
+
+def test_each_variant_starts_from_the_flags_the_model_was_loaded_with(bench):
+    """Our dense-mask route sets Unsloth's keep-the-mask flag on the model and keeps it; an anchor run after it must
+    not inherit it (it would keep a padding mask Unsloth drops for its users)."""
+    from opensloth.patching.unsloth_mask import keep_unsloth_attention_mask
+    from tests._models import tiny_qwen3
+
+    model = tiny_qwen3()
+    backbone = model.model
+    as_loaded = bench._model_flags_as_loaded(model)
+    assert "_unsloth_keep_padding_mask" not in backbone.__dict__
+    keep_unsloth_attention_mask(model)  # what wire_batches' masked_rows route does, and keeps
+    assert backbone._unsloth_keep_padding_mask is True
+    as_loaded()
+    assert "_unsloth_keep_padding_mask" not in backbone.__dict__
+
+    backbone._unsloth_keep_padding_mask = False  # a flag that was there at load is put back as it was
+    as_loaded = bench._model_flags_as_loaded(model)
+    keep_unsloth_attention_mask(model)
+    as_loaded()
+    assert backbone._unsloth_keep_padding_mask is False
+
+    no_backbone = torch.nn.Linear(2, 2)
+    bench._model_flags_as_loaded(no_backbone)()  # nothing to keep: a no-op
