@@ -664,9 +664,11 @@ def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer,
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    routes_before = route_counters()
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
+    routes = {k: v - routes_before.get(k, 0) for k, v in route_counters().items() if v != routes_before.get(k, 0)}
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     eval_ds = load_from_disk(info["eval"])
@@ -702,7 +704,7 @@ def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer,
         "warmup": w,
         "timed_steps": len(timed), "loss_first": losses[0] if losses else float("nan"),
         "loss_end": _mean(losses[max(w, w + cfg.steps - 3):w + cfg.steps]), "losses": losses,
-        "eval_loss": eval_loss, "train_s": train_s,
+        "eval_loss": eval_loss, "train_s": train_s, "routes": routes,
     }
 
 
@@ -829,6 +831,25 @@ def _prime(cfg: BenchConfig, model, tokenizer, device) -> tuple[str, float]:
     return wiring.layout, seconds
 
 
+def route_counters() -> dict[str, int]:
+    """Counters that say which route the steps took, to diff around ``train()``: Unsloth's packed-attention calls on
+    the transformers modeling path (``hf_packed.fast``: a varlen kernel; ``.fallback``: SDPA over a dense mask;
+    ``.compiled``: inside a compiled block; read against 2026.10.9) and torch.compile's graphs, frames and graph
+    breaks. A variant whose compiled blocks hit the recompile limit runs them eagerly without an error; its
+    ``hf_packed.fast`` then grows with every layer and step, and its ``dynamo.stats.unique_graphs`` stops growing."""
+    out: dict[str, int] = {}
+    stats = getattr(sys.modules.get("unsloth.utils.hf_packed_attention"), "HF_PACKED_ATTENTION_STATS", None)
+    if isinstance(stats, dict):
+        out.update({f"hf_packed.{k}": int(v) for k, v in stats.items() if isinstance(v, (int, float))})
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    counters = getattr(dynamo, "counters", None)
+    if counters is not None:
+        for group in ("stats", "frames"):
+            out.update({f"dynamo.{group}.{k}": int(v) for k, v in counters.get(group, {}).items()})
+        out["dynamo.graph_breaks"] = int(sum(counters.get("graph_break", {}).values()))
+    return out
+
+
 def _model_flags_as_loaded(model) -> Callable[[], None]:
     """A function that puts back the model's flags that OpenSloth's wiring may set, as they were at load: Unsloth's
     keep-the-attention-mask flag, which the dense-mask route (Gemma 2) sets on the model and keeps. Each variant
@@ -946,6 +967,7 @@ def _run_shape_here(cfg: BenchConfig, shape: str) -> None:
                      mfu=(r["tokens_per_s"] * fpt / (peak * 1e12)) if peak else None)
             say(f"[bench] {shape} / {variant}: {r['tokens_per_s']:,.0f} real tokens/s, peak {r['peak_gb']:.2f} GB, "
                 f"eval loss {r['eval_loss']:.4f}" + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] else ""))
+            say(f"[bench] {shape} / {variant}: routes during train() {r['routes'] or '-'}")
         results.append(r)
         if rank == 0:
             Path(f"{out_prefix}.json").write_text(json.dumps(results, indent=1))

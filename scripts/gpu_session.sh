@@ -64,11 +64,14 @@ if want 06b; then
   echo "0.6b rc $?"; pack; grep -A6 "^| shape" /tmp/c/bench_06b.log
 fi
 if want arch; then
-  say "a small model per family"; timeout "$(cap "$ARCH_CAP")" python benchmarks/bench_train_gpu.py --shapes "$ARCH_SHAPES" --variants "$VARIANTS_ARCH" \
+  # TORCH_LOGS=recompiles: Unsloth compiles Gemma 3's decoder layers one by one, with one recompile limit for all;
+  # a variant that hits it runs them eagerly without an error (the log and each variant's "routes" line say so).
+  say "a small model per family"; TORCH_LOGS=${TORCH_LOGS-recompiles} timeout "$(cap "$ARCH_CAP")" python benchmarks/bench_train_gpu.py --shapes "$ARCH_SHAPES" --variants "$VARIANTS_ARCH" \
     --warmup_steps 2 --steps 4 --profile_steps "$ARCH_PROFILE" --num_samples 1200 --eval_samples 12 --work_dir /tmp/barch --out_dir /tmp/c/arch \
     --timeout $(( ARCH_CAP - 10 )) > /tmp/c/bench_arch.log 2>&1
   echo "arch rc $?"; pack; grep -A16 "^| shape" /tmp/c/bench_arch.log
   for f in /tmp/c/arch/*_profile.txt; do [ -f "$f" ] && echo "$(basename "$f"): $(head -1 "$f")"; done
+  grep -h "routes during\|recompile_limit\|cache_size_limit" /tmp/c/arch/*.log | cut -c1-300 | head -30
 fi
 if want 8b && [ "$(left)" -gt 200 ]; then
   # TORCH_LOGS=recompiles: our Qwen3-8B run had one slow step, the 4th, on the H100 and on the H200 (6.94 s and 7.44 s

@@ -325,3 +325,20 @@ def test_each_variant_starts_from_the_flags_the_model_was_loaded_with(bench):
 
     no_backbone = torch.nn.Linear(2, 2)
     bench._model_flags_as_loaded(no_backbone)()  # nothing to keep: a no-op
+
+
+def test_route_counters_see_unsloth_packed_calls_and_new_compiled_graphs(bench, monkeypatch):
+    import types
+
+    stats = {"fast": 3, "fallback": 0, "compiled": 1}
+    monkeypatch.setitem(sys.modules, "unsloth.utils.hf_packed_attention",
+                        types.SimpleNamespace(HF_PACKED_ATTENTION_STATS=stats))
+    before = bench.route_counters()
+    assert before["hf_packed.fast"] == 3 and before["hf_packed.compiled"] == 1
+    stats["fast"] += 12  # a step of 6 layers, forward and recompute, outside compiled blocks
+    compiled = torch.compile(lambda x: x.sin() * 2 + x.shape[0], backend="eager")
+    compiled(torch.ones(5))
+    after = bench.route_counters()
+    assert after["hf_packed.fast"] - before["hf_packed.fast"] == 12
+    assert after["hf_packed.fallback"] == before["hf_packed.fallback"]
+    assert after["dynamo.stats.unique_graphs"] > before.get("dynamo.stats.unique_graphs", 0)
