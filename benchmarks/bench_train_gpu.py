@@ -32,8 +32,8 @@ Qwen3's vocabulary of 151,936 for its embedding and LM head; the Llama-3.1-8B sh
 
 Order matters: the first variant of a process compiles what Unsloth compiles (each transformer block, per new
 shape), and a recompile that falls inside its timed steps slows it, not the later variants. So does a step whose
-micro-batch is the largest its process has met (see ``_prime``): each process first trains one untimed micro-batch
-of the largest packed size (``--no_prime`` leaves it out). Name an anchor twice
+micro-batch is the largest its process has met (see ``_prime``): each process first trains one untimed step
+of micro-batches of the largest packed size (``--no_prime`` leaves it out). Name an anchor twice
 (``--variants unsloth_packing,unsloth_auto,opensloth,unsloth_packing``): its second run is labelled
 ``unsloth_packing #2`` and the speed-up columns compare against an anchor's last run. The ``median step tok/s``
 column (the median of the timed steps' rates) stays put where one slow step moves the total; a gap between the two
@@ -603,13 +603,39 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def _sft_trainer(cfg: BenchConfig, shape: str, name: str, model, tokenizer, train_ds, batch: int, steps: int,
+                 world: int, collator=None, wiring=None, **kwargs):
+    """The SFTTrainer every run of the benchmark trains with (the same arguments for every variant and the prime);
+    ``wiring``: OpenSloth's `BatchWiring`, attached to the trainer (with the window patch for masked rows)."""
+    import torch
+    from trl import SFTConfig
+
+    from opensloth.patching.sft_trainer import sft_trainer_class
+
+    cuda = torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=str(Path(cfg.work_dir) / "trainer" / shape / name), per_device_train_batch_size=batch,
+        gradient_accumulation_steps=cfg.grad_accum, max_steps=steps, learning_rate=cfg.learning_rate,
+        lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none",
+        max_length=cfg.max_seq_length, bf16=cuda, fp16=False, use_cpu=not cuda, seed=cfg.seed,
+        dataloader_num_workers=0, dataloader_pin_memory=cuda, logging_nan_inf_filter=False, optim="adamw_torch",
+        ddp_find_unused_parameters=False if world > 1 else None, gradient_checkpointing=cuda, **kwargs)
+    trainer = sft_trainer_class()(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+                                   data_collator=collator)
+    if wiring is not None:
+        wiring.attach(trainer)
+        if wiring.layout == "masked_rows":  # Unsloth drops the target count of 4-D masks; the window patch adds it
+            from opensloth.patching.batch_samples import install_on_trainer
+
+            install_on_trainer(trainer, repack=False)
+    return trainer
+
+
 def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer, device, world: int,
                    label: str | None = None) -> dict:
     import torch
     from datasets import load_from_disk
-    from trl import SFTConfig
 
-    from opensloth.patching.sft_trainer import sft_trainer_class
 
     info = cfg.data_info
     cuda = torch.cuda.is_available()
@@ -638,22 +664,8 @@ def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer,
         collator, layout = wiring.collator, wiring.layout
         note = wiring.check.describe() if wiring.check is not None else ""
         kwargs.update(remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})
-    total_steps = cfg.trained_steps
-    args = SFTConfig(
-        output_dir=str(Path(cfg.work_dir) / "trainer" / shape / variant), per_device_train_batch_size=batch,
-        gradient_accumulation_steps=cfg.grad_accum, max_steps=total_steps, learning_rate=cfg.learning_rate,
-        lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none",
-        max_length=cfg.max_seq_length, bf16=cuda, fp16=False, use_cpu=not cuda, seed=cfg.seed,
-        dataloader_num_workers=0, dataloader_pin_memory=cuda, logging_nan_inf_filter=False, optim="adamw_torch",
-        ddp_find_unused_parameters=False if world > 1 else None, gradient_checkpointing=cuda, **kwargs)
-    trainer = sft_trainer_class()(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                                   data_collator=collator)
-    if wiring is not None:
-        wiring.attach(trainer)
-    if layout == "masked_rows":  # Unsloth drops the target count of 4-D masks; the window patch puts it back
-        from opensloth.patching.batch_samples import install_on_trainer
-
-        install_on_trainer(trainer, repack=False)
+    trainer = _sft_trainer(cfg, shape, variant, model, tokenizer, train_ds, batch, cfg.trained_steps, world,
+                           collator=collator, wiring=wiring, **kwargs)
     counter = _Counter()
     counter.instrument(trainer)
     timer = _timer_class()(counter, cuda)
@@ -793,9 +805,9 @@ def full_rows(rows: Any, n_rows: int, capacity: int, seed: int = 0) -> list[dict
     return out
 
 
-def _prime(cfg: BenchConfig, model, tokenizer, device) -> tuple[str, float]:
-    """One untimed forward + backward of the largest micro-batch a packed variant trains (``micro_rows`` rows of
-    ``max_seq_length`` tokens, in the layout `wire_batches` picks for this model), before the first variant.
+def _prime(cfg: BenchConfig, shape: str, model, tokenizer, world: int) -> tuple[str, float]:
+    """One untimed training step of the largest micro-batch a packed variant trains (``micro_rows`` rows of
+    ``max_seq_length`` tokens per rank, in the layout `wire_batches` picks for this model), before the first variant.
 
     Why: a flat micro-batch's length T changes every step, and on Qwen3-8B (H100 and H200, 2026-12-07) every slow
     timed step, 0.6 to 2.7 s above the others' 5.4-5.9 s, was one whose T was the largest of its process so far: the
@@ -803,31 +815,28 @@ def _prime(cfg: BenchConfig, model, tokenizer, device) -> tuple[str, float]:
     not pinned down: Unsloth's offloaded gradient checkpointing regrows its pinned host buffers to the exact new size,
     copying what they hold, but Llama-3.1-8B, with the same T by step, had no slow step. A long run meets its largest
     T early; a benchmark of 2+4 steps does not, so without the prime the variants that meet a new largest T inside
-    their timed steps pay for it, and the order of the variants decides which. The prime also takes Unsloth's first
-    compile out of the first variant's steps. Returns (layout, seconds)."""
-    import torch
-    from datasets import load_from_disk
+    their timed steps pay for it, and the order of the variants decides which.
+
+    A trainer's step, not a bare forward and backward: Unsloth treats a forward + backward run before the first
+    ``trainer.train()`` as a stray probe and, at that ``train()``, resets torch.compile's caches and its gradient
+    checkpointing buffers (``_unsloth_reset_stray_compile_cache``, read against 2026.10.9), which would undo the
+    prime. Every variant restores the LoRA weights, so the prime's update is not carried. Returns (layout, seconds)."""
+    from datasets import Dataset, load_from_disk
 
     from opensloth.wiring import wire_batches
 
     wiring = wire_batches(model, backend=cfg.backend, packing="packed", max_seq_length=cfg.max_seq_length,
                           pad_token_id=tokenizer.pad_token_id, per_device_batch_size=cfg.micro_rows)
-    rows = full_rows(load_from_disk(cfg.data_info["rows"]), cfg.micro_rows, cfg.max_seq_length, cfg.seed)
-    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in wiring.collator(rows).items()}
-    model.train()
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
+    n_rows = cfg.micro_rows * cfg.grad_accum * world
+    rows = Dataset.from_list(full_rows(load_from_disk(cfg.data_info["rows"]), n_rows, cfg.max_seq_length, cfg.seed))
+    trainer = _sft_trainer(cfg, shape, "prime", model, tokenizer, rows, cfg.micro_rows, 1, world,
+                           collator=wiring.collator, wiring=wiring, remove_unused_columns=False,
+                           dataset_kwargs={"skip_prepare_dataset": True})
     t0 = time.perf_counter()
-    model(**batch).loss.backward()
-    if cuda:
-        torch.cuda.synchronize()
+    trainer.train()
     seconds = time.perf_counter() - t0
-    model.zero_grad(set_to_none=True)
-    del batch
+    del trainer
     gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
     return wiring.layout, seconds
 
 
@@ -930,9 +939,9 @@ def _run_shape_here(cfg: BenchConfig, shape: str) -> None:
     prime = None
     if cfg.prime:
         try:
-            layout, seconds = _prime(cfg, model, tokenizer, device)
+            layout, seconds = _prime(cfg, shape, model, tokenizer, world)
             prime = f"{cfg.micro_rows} rows of {cfg.max_seq_length} ({layout}), {seconds:.1f} s"
-            say(f"[bench] {shape}: primed with one untimed micro-batch of {prime}")
+            say(f"[bench] {shape}: primed with one untimed training step of {prime}")
         except Exception as exc:  # noqa: BLE001 - the variants still run, unprimed, and the table says so
             import traceback
 
@@ -1122,9 +1131,9 @@ def setup_lines(cfg: BenchConfig, results: list[dict]) -> str:
     ]
     primes = sorted({r["prime"] for r in results if r.get("prime")})
     if primes:
-        lines.append("- before the first variant, each process trained one untimed micro-batch of the largest size a "
-                     f"packed variant trains ({'; '.join(primes)}), so that no variant meets a new largest micro-batch "
-                     "inside its timed steps (`_prime`; `--no_prime` leaves it out)")
+        lines.append("- before the first variant, each process trained one untimed step of micro-batches of the "
+                     f"largest size a packed variant trains ({'; '.join(primes)}), so that no variant meets a new "
+                     "largest micro-batch inside its timed steps (`_prime`; `--no_prime` leaves it out)")
     return "\n".join(lines)
 
 

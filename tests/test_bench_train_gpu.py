@@ -41,7 +41,7 @@ def test_bench_runs_under_torchrun_with_two_ranks(shared_data, tmp_path):
     assert result["tokens_per_s"] > 0 and result["eval_loss"] > 0
     assert "| cpu_tiny | hf_opensloth | rows | 2 rows x 1 |" in proc.stdout
     assert result["prime"].startswith("2 rows of 256 (rows)")  # each rank primed with one full micro-batch first
-    assert "untimed micro-batch of the largest size" in proc.stdout
+    assert "untimed step of micro-batches of the largest size" in proc.stdout
 
 
 def test_prime_rows_are_full_and_keep_the_real_documents(bench):
@@ -295,7 +295,7 @@ def test_profiled_steps_come_after_the_timed_ones_and_write_a_report(shared_data
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (result,) = json.loads((tmp_path / "runs" / "results.json").read_text())
     assert result["steps"] == 1 + 2 + 2 and result["timed_steps"] == 2 and len(result["step_s"]) == 2
-    assert result.get("prime") is None and "untimed micro-batch" not in proc.stdout  # --no_prime
+    assert result.get("prime") is None and "untimed step" not in proc.stdout  # --no_prime
     report = (tmp_path / "runs" / "cpu_tiny_hf_opensloth_profile.txt").read_text()
     assert report.startswith("profiled 2 steps: wall ")
     cpu_table = report.split("by self CPU time\n", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
