@@ -15,6 +15,9 @@
 #     (the four families on the flat protocol took about 300 s on the H200; Gemma 2 alone did not finish in the rest:
 #     give it and Gemma 3 their own call, ARCH_SHAPES=small_gemma2,small_gemma3)
 #   TESTS="tests/gpu/test_recipe_shared_gpu.py tests/gpu/test_ddp_shared_gpu.py" for the torchrun tests
+# Measured on the H100 (fourth session, 2026-12-07): Qwen3-8B with three variants 323 s in all; Gemma 2 with three
+# variants about 520 s (Unsloth's autotuning), so Gemma 2 alone in a call (VARIANTS_ARCH=unsloth_packing,opensloth,
+# unsloth_packing); Gemma 3 with three variants 175 s; its family test 168 s (give TESTS_CAP 230, not 210).
 #
 # Setup (../shared/gpu/README.md): .gpu/site.tgz (bash ../shared/gpu/make_site_bundle.sh .gpu/site.tgz) and
 # .gpu/data/{tokenizers/qwen3,chat} copied from ../shared/data; the call carries .gpu:
