@@ -33,7 +33,7 @@ Qwen3's vocabulary of 151,936 for its embedding and LM head; the Llama-3.1-8B sh
 Order matters: the first variant of a process compiles what Unsloth compiles (each transformer block, per new
 shape), and a recompile that falls inside its timed steps slows it, not the later variants. So does a step whose
 micro-batch is the largest its process has met (see ``_prime``): each process first trains one untimed step
-of micro-batches of the largest packed size (``--no_prime`` leaves it out). Name an anchor twice
+of micro-batches as large as the largest any listed variant trains (``--no_prime`` leaves it out). Name an anchor twice
 (``--variants unsloth_packing,unsloth_auto,opensloth,unsloth_packing``): its second run is labelled
 ``unsloth_packing #2`` and the speed-up columns compare against an anchor's last run. The ``median step tok/s``
 column (the median of the timed steps' rates) stays put where one slow step moves the total; a gap between the two
@@ -153,6 +153,7 @@ class BenchConfig:
     work_timings: bool = False
     work_max_tokens: int = 16384
     prime: bool = True
+    prime_tokens: int = 0  # the prime's flat micro-batch (prime_size); 0: micro_rows full rows
     profile_steps: int = 0
     data_info: dict = field(default_factory=dict)
 
@@ -202,7 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time micro-batches of controlled composition (for benchmarks/sim_scaling.py)")
     p.add_argument("--work_max_tokens", type=int, default=16384, help="largest micro-batch of the work timings")
     p.add_argument("--no_prime", action="store_true",
-                   help="skip the untimed full micro-batch each process trains first (see _prime; to show its effect)")
+                   help="skip the untimed step of the largest micro-batch each process trains first (see _prime)")
     p.add_argument("--profile_steps", type=int, default=0,
                    help="N more steps after the timed ones, under torch.profiler: SHAPE_VARIANT_profile.txt in the out "
                         "dir (where the step time goes; the timed figures do not include them)")
@@ -530,8 +531,15 @@ def _profiler_class():
             if self.cuda:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - self.t0
-            self.prof.__exit__(None, None, None)
-            self.path.write_text(profile_report(self.prof.key_averages(), wall, state.global_step - self.first))
+            prof, self.prof = self.prof, None
+            prof.__exit__(None, None, None)
+            self.path.write_text(profile_report(prof.key_averages(), wall, state.global_step - self.first))
+
+        def stop(self) -> None:
+            """Stop a profiler still running (its train() raised); nothing is written."""
+            if self.prof is not None:
+                prof, self.prof = self.prof, None
+                prof.__exit__(None, None, None)
 
     return StepProfiler
 
@@ -670,15 +678,21 @@ def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer,
     counter.instrument(trainer)
     timer = _timer_class()(counter, cuda)
     trainer.add_callback(timer)
-    if cfg.profile_steps:
+    profiler = None
+    if cfg.profile_steps and _dist_info()[0] == 0:  # rank 0's steps: one file per variant
         path = Path(cfg.out_dir) / f"{shape}_{(label or variant).replace(' #', '_')}_profile.txt"
-        trainer.add_callback(_profiler_class()(cfg.warmup_steps + cfg.steps, path, cuda))
+        profiler = _profiler_class()(cfg.warmup_steps + cfg.steps, path, cuda)
+        trainer.add_callback(profiler)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     routes_before = route_counters()
     t0 = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        if profiler is not None:
+            profiler.stop()  # a train() that raised inside the profiled steps must not profile the next variant
     train_s = time.perf_counter() - t0
     routes = {k: v - routes_before.get(k, 0) for k, v in route_counters().items() if v != routes_before.get(k, 0)}
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
@@ -784,18 +798,42 @@ def _work_timings(cfg: BenchConfig, shape: str, model, device) -> list[dict]:
     return out
 
 
-def full_rows(rows: Any, n_rows: int, capacity: int, seed: int = 0) -> list[dict]:
-    """``n_rows`` packed rows of exactly ``capacity`` tokens: the first rows of ``rows`` (a packed dataset with
-    ``seq_lengths``), each topped up to capacity with one more document of random tokens (its own segment)."""
+def prime_size(cfg: BenchConfig) -> int:
+    """Tokens of the largest flat micro-batch any listed variant trains in one process: ``micro_rows`` full rows for
+    the packed ones, and for the sample-batched ones (``unsloth_auto``, ``opensloth_padding_free``) the largest
+    micro-batch of their epoch as the trainer cuts it (`benchmarks/step_tokens.py`; the ranks of ``--nproc`` > 1 cut
+    theirs otherwise, so there it is an estimate)."""
+    size = cfg.micro_rows * cfg.max_seq_length
+    sampled = [v for v in dict.fromkeys(cfg.variants) if v in ("unsloth_auto", "opensloth_padding_free")]
+    if sampled:
+        from transformers import AutoTokenizer
+
+        from benchmarks.step_tokens import variant_tokens
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_dir)
+        size = max([size] + [max(variant_tokens(cfg, v, tokenizer)) for v in sampled])
+    return int(size)
+
+
+def full_rows(rows: Any, n_rows: int, capacity: int, seed: int = 0, last: int | None = None) -> list[dict]:
+    """``n_rows`` packed rows of exactly ``capacity`` tokens (the last one ``last`` tokens, if given): the first rows
+    of ``rows`` (a packed dataset with ``seq_lengths``), each topped up with one more document of random tokens (its
+    own segment). A last row shorter than its real documents keeps the whole documents that fit."""
     import numpy as np
 
     if len(rows) < n_rows:
         raise ValueError(f"{len(rows)} packed rows; the prime needs {n_rows}")
+    if last is not None and not 0 < last <= capacity:
+        raise ValueError(f"last = {last} must be in [1, capacity = {capacity}]")
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n_rows):
         ids, labels, seq = list(rows[i]["input_ids"]), list(rows[i]["labels"]), list(rows[i]["seq_lengths"])
-        free = capacity - sum(seq)
+        width = capacity if last is None or i < n_rows - 1 else last
+        while width < capacity and sum(seq) > width:  # a short last row: drop whole documents from its end
+            n = seq.pop()
+            ids, labels = ids[:-n], labels[:-n]
+        free = width - sum(seq)
         if free < 0:
             raise ValueError(f"row {i} holds {sum(seq)} tokens, above the capacity {capacity}")
         if free:
@@ -806,30 +844,40 @@ def full_rows(rows: Any, n_rows: int, capacity: int, seed: int = 0) -> list[dict
 
 
 def _prime(cfg: BenchConfig, shape: str, model, tokenizer, world: int) -> tuple[str, float]:
-    """One untimed training step of the largest micro-batch a packed variant trains (``micro_rows`` rows of
-    ``max_seq_length`` tokens per rank, in the layout `wire_batches` picks for this model), before the first variant.
+    """One untimed training step, before the first variant, of micro-batches as large as the largest any listed
+    variant trains: ``cfg.prime_tokens`` (`prime_size`) in one flat row where `wire_batches` picks the flat layout for
+    this model, else ``micro_rows`` full rows of ``max_seq_length`` (rows of a fixed width: every step the same size).
 
     Why: a flat micro-batch's length T changes every step, and on Qwen3-8B (H100 and H200, 2026-12-07) every slow
-    timed step, 0.6 to 2.7 s above the others' 5.4-5.9 s, was one whose T was the largest of its process so far: the
-    first anchor's 3rd and 6th steps and our 4th (`benchmarks/step_tokens.py` prints T by step). Which part pays is
-    not pinned down: Unsloth's offloaded gradient checkpointing regrows its pinned host buffers to the exact new size,
-    copying what they hold, but Llama-3.1-8B, with the same T by step, had no slow step. A long run meets its largest
-    T early; a benchmark of 2+4 steps does not, so without the prime the variants that meet a new largest T inside
-    their timed steps pay for it, and the order of the variants decides which.
+    timed step, 0.3 to 2.7 s above the others' 5.4-5.9 s, was one whose T was the largest of its process so far, in
+    three runs: the first anchor's 3rd and 6th steps and our 4th (`benchmarks/step_tokens.py` prints T by step).
+    Llama-3.1-8B, trained after Qwen3-8B in the same process with the same T by step, met no new largest T and had
+    no slow step. This fits Unsloth's offloaded gradient checkpointing, which regrows its pinned host buffers
+    (process-wide) to the exact new size, copying what they hold; not proven. A long run meets its largest T early;
+    a benchmark of 2+4 steps does not, so without the prime the variants that meet a new largest T inside their
+    timed steps pay for it, and the order of the variants decides which.
 
     A trainer's step, not a bare forward and backward: Unsloth treats a forward + backward run before the first
     ``trainer.train()`` as a stray probe and, at that ``train()``, resets torch.compile's caches and its gradient
     checkpointing buffers (``_unsloth_reset_stray_compile_cache``, read against 2026.10.9), which would undo the
-    prime. Every variant restores the LoRA weights, so the prime's update is not carried. Returns (layout, seconds)."""
+    prime. Every ``train()`` of Unsloth's ends by shrinking those buffers back (``resize_``, which keeps their
+    storage, so a later step of the primed size allocates nothing; an Unsloth that frees the storage there would undo
+    the prime). Every variant restores the LoRA weights, so the prime's update is not carried. Returns (what was
+    primed, seconds)."""
     from datasets import Dataset, load_from_disk
 
     from opensloth.wiring import wire_batches
 
     wiring = wire_batches(model, backend=cfg.backend, packing="packed", max_seq_length=cfg.max_seq_length,
                           pad_token_id=tokenizer.pad_token_id, per_device_batch_size=cfg.micro_rows)
-    n_rows = cfg.micro_rows * cfg.grad_accum * world
-    rows = Dataset.from_list(full_rows(load_from_disk(cfg.data_info["rows"]), n_rows, cfg.max_seq_length, cfg.seed))
-    trainer = _sft_trainer(cfg, shape, "prime", model, tokenizer, rows, cfg.micro_rows, 1, world,
+    capacity, per_batch, last = cfg.max_seq_length, cfg.micro_rows, None
+    if wiring.layout == "flat" and cfg.prime_tokens:  # one row of all the rows' tokens: any size can be built
+        per_batch = -(-cfg.prime_tokens // capacity)
+        last = cfg.prime_tokens - (per_batch - 1) * capacity
+    rows = load_from_disk(cfg.data_info["rows"])
+    batches = cfg.grad_accum * world
+    prime_rows = [row for _ in range(batches) for row in full_rows(rows, per_batch, capacity, cfg.seed, last)]
+    trainer = _sft_trainer(cfg, shape, "prime", model, tokenizer, Dataset.from_list(prime_rows), per_batch, 1, world,
                            collator=wiring.collator, wiring=wiring, remove_unused_columns=False,
                            dataset_kwargs={"skip_prepare_dataset": True})
     t0 = time.perf_counter()
@@ -837,7 +885,8 @@ def _prime(cfg: BenchConfig, shape: str, model, tokenizer, world: int) -> tuple[
     seconds = time.perf_counter() - t0
     del trainer
     gc.collect()
-    return wiring.layout, seconds
+    tokens = per_batch * capacity if last is None else (per_batch - 1) * capacity + last
+    return f"{tokens:,} tokens in {per_batch} row{'s' if per_batch > 1 else ''} ({wiring.layout})", seconds
 
 
 def route_counters() -> dict[str, int]:
@@ -939,16 +988,20 @@ def _run_shape_here(cfg: BenchConfig, shape: str) -> None:
     prime = None
     if cfg.prime:
         try:
-            layout, seconds = _prime(cfg, shape, model, tokenizer, world)
-            prime = f"{cfg.micro_rows} rows of {cfg.max_seq_length} ({layout}), {seconds:.1f} s"
+            what, seconds = _prime(cfg, shape, model, tokenizer, world)
+            prime = f"{what}, {seconds:.1f} s"
             say(f"[bench] {shape}: primed with one untimed training step of {prime}")
         except Exception as exc:  # noqa: BLE001 - the variants still run, unprimed, and the table says so
+            if world > 1:  # the other ranks may wait in a collective of the prime: fail the shape now
+                raise
             import traceback
 
             traceback.print_exc()
             prime = f"failed ({type(exc).__name__}: {str(exc)[:120]}), variants unprimed"
             say(f"[bench] {shape}: prime {prime}")
+        if prime is not None and prime.startswith("failed"):  # out of the except: its frames no longer hold tensors
             model.zero_grad(set_to_none=True)
+            gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
     results = []
@@ -1131,9 +1184,9 @@ def setup_lines(cfg: BenchConfig, results: list[dict]) -> str:
     ]
     primes = sorted({r["prime"] for r in results if r.get("prime")})
     if primes:
-        lines.append("- before the first variant, each process trained one untimed step of micro-batches of the "
-                     f"largest size a packed variant trains ({'; '.join(primes)}), so that no variant meets a new "
-                     "largest micro-batch inside its timed steps (`_prime`; `--no_prime` leaves it out)")
+        lines.append("- before the first variant, each process trained one untimed step of micro-batches as large as "
+                     f"the largest any listed variant trains ({'; '.join(primes)}), so that none meets a new largest "
+                     "micro-batch inside its timed steps (`_prime`; `--no_prime` leaves it out)")
     return "\n".join(lines)
 
 
@@ -1148,6 +1201,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg.data_info = prepare_data(cfg)
     check_enough_data(cfg)
+    if cfg.prime:
+        cfg.prime_tokens = prime_size(cfg)
     cfg_path = Path(cfg.out_dir) / "config.json"
     cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
     command = "python " + shlex.join(["benchmarks/bench_train_gpu.py"] + (argv if argv is not None else sys.argv[1:]))

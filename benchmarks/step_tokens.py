@@ -1,25 +1,32 @@
 #!/usr/bin/env python
-"""Tokens per micro-batch, step by step, of the two flat layouts `bench_train_gpu.py` compares (CPU, seconds).
+"""Tokens per micro-batch, step by step, of the variants `bench_train_gpu.py` compares (CPU, seconds).
 
-Why: a flat micro-batch is one row of all its tokens, so its length T changes every step, and on the GPU a step
-whose T is the largest so far was slow (Qwen3-8B, H100 and H200, 2026-12-07: every slow timed step fell on one,
-for Unsloth's anchor and for ours). This prints each variant's T per step from the benchmark's own data, seed and
-batch size, and the steps where the running maximum grows::
+Why: every variant trains flat micro-batches (one row of all their tokens), so the row's length T changes every step,
+and on the GPU a step whose T is the largest its process has met so far was slow (Qwen3-8B, H100 and H200,
+2026-12-07: every slow timed step fell on one, for Unsloth's anchor and for ours). This prints each variant's T per
+micro-batch, from the benchmark's data, seed and batch sizes, and the steps where the running maximum grows::
 
-    python benchmarks/step_tokens.py --num_samples 1920 --eval_samples 8 --micro_rows 16 --steps 6
+    python benchmarks/step_tokens.py --num_samples 1920 --eval_samples 8 --micro_rows 16 --warmup_steps 2 --steps 4 \\
+        --variants unsloth_packing,opensloth
 
-``opensloth``: `opensloth.sampler.BalancedBatchSampler` over OpenSloth's rows (one rank, as the benchmark runs).
-``unsloth_packing``: TRL's ``SFTTrainer(packing=True)`` data loader (best-fit decreasing rows, padding-free), which
-Unsloth's ``packing=True`` uses, built here on a tiny random model. The flags are the benchmark's.
+The batches come from the data loader of an SFTTrainer built as the benchmark builds it for one process (the same
+trainer class, dataset, collator layout, batch size and seed) on a tiny random model on the CPU: ``opensloth``
+OpenSloth's rows through its flat collator, ``opensloth_padding_free`` the samples through it, ``unsloth_packing``
+TRL's ``packing=True`` (best-fit decreasing rows, padding-free, what Unsloth's ``packing=True`` trains),
+``unsloth_auto`` TRL's padding-free batches of samples (Unsloth's default). `bench_train_gpu.py` reads the largest
+micro-batch from here to size its prime. Under ``--nproc`` > 1 the ranks' batches differ from these.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+FLAT_VARIANTS = ("opensloth", "opensloth_padding_free", "unsloth_packing", "unsloth_auto")
 
 
 def growth_steps(tokens: list[int]) -> list[int]:
@@ -32,54 +39,75 @@ def growth_steps(tokens: list[int]) -> list[int]:
     return out
 
 
-def opensloth_tokens(rows, micro_rows: int, seed: int, steps: int) -> list[int]:
-    from opensloth.sampler import BalancedBatchSampler
+def variant_tokens(cfg: Any, variant: str, tokenizer: Any, micro_batches: int | None = None) -> list[int]:
+    """Tokens of each micro-batch ``variant`` trains in one process, in training order: the first ``micro_batches``,
+    or the whole epoch. ``cfg``: a `bench_train_gpu.BenchConfig` whose ``data_info`` is set."""
+    import logging
+    import warnings
 
-    seq = rows["seq_lengths"]
-    sampler = BalancedBatchSampler(seq_lengths=seq, batch_size=micro_rows, seed=seed)
-    return [int(sum(sum(seq[i]) for i in batch)) for batch in list(sampler)[:steps]]
-
-
-def trl_packing_tokens(train, tokenizer, micro_rows: int, max_len: int, seed: int, steps: int, work: Path) -> list[int]:
+    from datasets import load_from_disk
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
+    from benchmarks.bench_train_gpu import padded_batch
+    from opensloth.collate import PackedDataCollator
+    from opensloth.patching.sft_trainer import sft_trainer_class
+
+    if variant not in FLAT_VARIANTS:
+        raise ValueError(f"variant = {variant!r}; choose from {FLAT_VARIANTS}")
+    info = cfg.data_info
+    kwargs: dict[str, Any] = {}
+    collator = None
+    if variant == "opensloth":
+        dataset, batch = load_from_disk(info["rows"]), cfg.micro_rows
+    else:
+        dataset = load_from_disk(info["train"])
+        batch = cfg.micro_rows if variant == "unsloth_packing" else padded_batch(cfg)
+    if variant.startswith("opensloth"):
+        collator = PackedDataCollator(pad_token_id=tokenizer.pad_token_id, layout="flat")
+        kwargs.update(remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})
+    elif variant == "unsloth_packing":
+        kwargs["packing"] = True
+    else:
+        kwargs.update(padding_free=True, max_length=None)  # TRL's padding-free batches of samples cut none
     model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                          head_dim=8))
-    args = SFTConfig(output_dir=str(work), per_device_train_batch_size=micro_rows, max_steps=steps, packing=True,
-                     max_length=max_len, seed=seed, use_cpu=True, report_to="none", dataloader_num_workers=0)
-    loader = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).get_train_dataloader()
+    args = SFTConfig(output_dir=str(Path(cfg.work_dir) / "step_tokens" / variant), per_device_train_batch_size=batch,
+                     gradient_accumulation_steps=cfg.grad_accum, seed=cfg.seed, use_cpu=True, report_to="none",
+                     dataloader_num_workers=0, **{"max_length": cfg.max_seq_length, **kwargs})
+    trl_logger = logging.getLogger("trl")
+    level = trl_logger.level
+    trl_logger.setLevel(logging.ERROR)  # TRL warns that the tiny model's SDPA is no flash kernel: irrelevant here
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = sft_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                           data_collator=collator)
+    finally:
+        trl_logger.setLevel(level)
     out = []
-    for batch in loader:
-        out.append(int(batch["input_ids"].numel()))
-        if len(out) == steps:
+    for b in trainer.get_train_dataloader():
+        out.append(int(b["input_ids"].numel()))
+        if micro_batches is not None and len(out) == micro_batches:
             break
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from transformers import AutoTokenizer
 
     from benchmarks.bench_train_gpu import build_config, parse_args, prepare_data
 
-    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    own.add_argument("--steps_shown", type=int, default=None, help="steps to show (default: warm-up + timed)")
-    known, rest = own.parse_known_args(argv)
-    cfg = build_config(parse_args(rest))
-    info = prepare_data(cfg)
-    from datasets import load_from_disk
-    from transformers import AutoTokenizer
-
-    steps = known.steps_shown or cfg.warmup_steps + cfg.steps
-    ours = opensloth_tokens(load_from_disk(info["rows"]), cfg.micro_rows, cfg.seed, steps)
+    cfg = build_config(parse_args(argv))
+    cfg.data_info = prepare_data(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_dir)
-    trl = trl_packing_tokens(load_from_disk(info["train"]), tokenizer, cfg.micro_rows, cfg.max_seq_length, cfg.seed,
-                             steps, Path(cfg.work_dir) / "step_tokens")
-    print(f"micro-batch tokens by step ({cfg.micro_rows} rows of {cfg.max_seq_length}, seed {cfg.seed}; "
-          f"timed steps {cfg.warmup_steps + 1}-{cfg.warmup_steps + cfg.steps})")
-    for name, tokens in (("opensloth", ours), ("unsloth_packing", trl)):
-        print(f"  {name:16s} {', '.join(f'{t:,}' for t in tokens)}; a new largest at steps "
+    n = cfg.trained_steps * cfg.grad_accum
+    print(f"micro-batch tokens in training order (seed {cfg.seed}, {cfg.grad_accum} per step; timed steps "
+          f"{cfg.warmup_steps + 1}-{cfg.warmup_steps + cfg.steps})")
+    for variant in dict.fromkeys(v for v in cfg.variants if v in FLAT_VARIANTS):
+        tokens = variant_tokens(cfg, variant, tokenizer, n)
+        print(f"  {variant:23s} {', '.join(f'{t:,}' for t in tokens)}; a new largest at micro-batches "
               f"{', '.join(map(str, growth_steps(tokens)))}")
     return 0
 

@@ -40,8 +40,8 @@ def test_bench_runs_under_torchrun_with_two_ranks(shared_data, tmp_path):
     assert 0.5 * result["slots"] < result["real_tokens"] <= result["slots"]
     assert result["tokens_per_s"] > 0 and result["eval_loss"] > 0
     assert "| cpu_tiny | hf_opensloth | rows | 2 rows x 1 |" in proc.stdout
-    assert result["prime"].startswith("2 rows of 256 (rows)")  # each rank primed with one full micro-batch first
-    assert "untimed step of micro-batches of the largest size" in proc.stdout
+    assert result["prime"].startswith("512 tokens in 2 rows (rows)")  # each rank primed with full rows first
+    assert "untimed step of micro-batches as large as the largest" in proc.stdout
 
 
 def test_prime_rows_are_full_and_keep_the_real_documents(bench):
@@ -261,27 +261,44 @@ def test_step_tokens_marks_each_new_largest_micro_batch(monkeypatch):
 
 
 @pytest.mark.integration
-def test_step_tokens_prints_both_layouts_from_the_benchmark_data(shared_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(ROOT))
+def test_step_tokens_reads_each_variants_micro_batches_from_the_trainer(bench, shared_data, tmp_path, capsys):
     from datasets import load_from_disk
+    from transformers import AutoTokenizer
 
     from benchmarks import step_tokens
-    from opensloth.sampler import BalancedBatchSampler
 
     args = ["--shapes", "cpu_tiny", "--backend", "hf", "--micro_rows", "2", "--warmup_steps", "1", "--steps", "2",
             "--num_samples", "64", "--eval_samples", "4", "--work_dir", str(tmp_path),
             "--data_dir", str(shared_data / "chat"), "--tokenizer", str(shared_data / "tokenizers" / "qwen3")]
-    assert step_tokens.main(args) == 0
+    cfg = bench.build_config(bench.parse_args(args))
+    cfg.data_info = bench.prepare_data(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_dir)
+    rows = load_from_disk(cfg.data_info["rows"])
+    row_tokens = sorted(sum(r) for r in rows["seq_lengths"])
+    sample_tokens = sum(len(x) for x in load_from_disk(cfg.data_info["train"])["input_ids"])
+
+    ours = step_tokens.variant_tokens(cfg, "opensloth", tokenizer)  # the whole epoch, 2 rows per micro-batch
+    assert sum(ours) == sum(row_tokens) and len(ours) == -(-len(row_tokens) // 2)
+    assert all(t <= 2 * cfg.max_seq_length for t in ours)
+    cfg.micro_rows = 1  # one row per micro-batch: the micro-batches are the rows, in some order
+    assert sorted(step_tokens.variant_tokens(cfg, "opensloth", tokenizer)) == row_tokens
+    cfg.micro_rows = 2
+    trl_rows = step_tokens.variant_tokens(cfg, "unsloth_packing", tokenizer)
+    assert sum(trl_rows) == sample_tokens and all(t <= 2 * cfg.max_seq_length for t in trl_rows)
+    auto = step_tokens.variant_tokens(cfg, "unsloth_auto", tokenizer)
+    assert sum(auto) == sample_tokens and len(auto) == -(-cfg.data_info["n_samples"] // bench.padded_batch(cfg))
+    assert step_tokens.variant_tokens(cfg, "unsloth_auto", tokenizer, 2) == auto[:2]
+
+    cfg.variants = ["unsloth_packing", "opensloth"]
+    assert bench.prime_size(cfg) == 2 * cfg.max_seq_length  # packed variants only: micro_rows full rows
+    cfg.variants = ["unsloth_auto", "opensloth"]
+    assert bench.prime_size(cfg) == max(2 * cfg.max_seq_length, max(auto))
+
+    assert step_tokens.main(args[:2] + ["--variants", "unsloth_packing,opensloth"] + args[4:]) == 0
     out = capsys.readouterr().out
-    (rows_dir,) = tmp_path.glob("data_*/rows")
-    seq = load_from_disk(str(rows_dir))["seq_lengths"]
-    expected = [sum(sum(seq[i]) for i in b) for b in list(BalancedBatchSampler(seq_lengths=seq, batch_size=2,
-                                                                               seed=3407))[:3]]
-    ours = next(line for line in out.splitlines() if line.strip().startswith("opensloth"))
-    assert ours.split()[1:4] == [f"{t:,}," for t in expected[:2]] + [f"{expected[2]:,};"]
-    trl = next(line for line in out.splitlines() if line.strip().startswith("unsloth_packing"))
-    trl_tokens = [int(x.strip(",;").replace(",", "")) for x in trl.split()[1:4]]
-    assert len(trl_tokens) == 3 and all(0 < t <= 2 * 256 for t in trl_tokens)  # 2 rows of at most 256 each
+    line = next(x for x in out.splitlines() if x.strip().startswith("opensloth"))
+    assert line.split("; a new largest")[0].split()[1:] == [f"{t:,}," for t in ours[:2]] + [f"{ours[2]:,}"]
+    assert any(x.strip().startswith("unsloth_packing") for x in out.splitlines())
 
 
 @pytest.mark.integration
@@ -342,3 +359,20 @@ def test_route_counters_see_unsloth_packed_calls_and_new_compiled_graphs(bench, 
     assert after["hf_packed.fast"] - before["hf_packed.fast"] == 12
     assert after["hf_packed.fallback"] == before["hf_packed.fallback"]
     assert after["dynamo.stats.unique_graphs"] > before.get("dynamo.stats.unique_graphs", 0)
+
+
+def test_a_short_last_prime_row_keeps_whole_documents(bench):
+    from datasets import Dataset
+
+    rows = Dataset.from_list([
+        {"input_ids": [1, 2, 3, 4, 5, 6], "labels": [1, 2, 3, 4, 5, 6], "seq_lengths": [2, 4]},
+        {"input_ids": [7, 8, 9, 10, 11, 12, 13], "labels": [7, 8, 9, 10, 11, 12, 13], "seq_lengths": [3, 4]},
+    ])
+    first, second = bench.full_rows(rows, 2, 8, last=5)
+    assert first["seq_lengths"] == [2, 4, 2] and len(first["input_ids"]) == 8
+    assert second["seq_lengths"] == [3, 2] and second["input_ids"][:3] == [7, 8, 9]  # the 4-token document dropped
+    assert len(second["input_ids"]) == len(second["labels"]) == 5
+    (only,) = bench.full_rows(rows, 1, 8, last=1)
+    assert only["seq_lengths"] == [1] and len(only["input_ids"]) == 1  # no real document fits: all filler
+    with pytest.raises(ValueError, match=r"last = 9 must be in \[1, capacity = 8\]"):
+        bench.full_rows(rows, 1, 8, last=9)
