@@ -644,7 +644,6 @@ def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer,
     import torch
     from datasets import load_from_disk
 
-
     info = cfg.data_info
     cuda = torch.cuda.is_available()
     kwargs: dict[str, Any] = {}
@@ -1184,9 +1183,9 @@ def setup_lines(cfg: BenchConfig, results: list[dict]) -> str:
     ]
     primes = sorted({r["prime"] for r in results if r.get("prime")})
     if primes:
-        lines.append("- before the first variant, each process trained one untimed step of micro-batches as large as "
-                     f"the largest any listed variant trains ({'; '.join(primes)}), so that none meets a new largest "
-                     "micro-batch inside its timed steps (`_prime`; `--no_prime` leaves it out)")
+        lines.append("- prime: one untimed step per process before the first variant, of micro-batches as large as "
+                     "the largest any listed variant trains, so that none meets a new largest micro-batch inside its "
+                     f"timed steps (`_prime`; `--no_prime` leaves it out): {'; '.join(primes)}")
     return "\n".join(lines)
 
 

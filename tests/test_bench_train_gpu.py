@@ -41,7 +41,7 @@ def test_bench_runs_under_torchrun_with_two_ranks(shared_data, tmp_path):
     assert result["tokens_per_s"] > 0 and result["eval_loss"] > 0
     assert "| cpu_tiny | hf_opensloth | rows | 2 rows x 1 |" in proc.stdout
     assert result["prime"].startswith("512 tokens in 2 rows (rows)")  # each rank primed with full rows first
-    assert "untimed step of micro-batches as large as the largest" in proc.stdout
+    assert "- prime: one untimed step per process" in proc.stdout
 
 
 def test_prime_rows_are_full_and_keep_the_real_documents(bench):
