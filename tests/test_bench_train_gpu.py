@@ -376,3 +376,32 @@ def test_a_short_last_prime_row_keeps_whole_documents(bench):
     assert only["seq_lengths"] == [1] and len(only["input_ids"]) == 1  # no real document fits: all filler
     with pytest.raises(ValueError, match=r"last = 9 must be in \[1, capacity = 8\]"):
         bench.full_rows(rows, 1, 8, last=9)
+
+
+@pytest.mark.integration
+def test_a_failed_prime_is_reported_and_the_variants_still_run(bench, shared_data, tmp_path, monkeypatch):
+    args = ["--shapes", "cpu_tiny", "--backend", "hf", "--micro_rows", "2", "--warmup_steps", "1", "--steps", "1",
+            "--num_samples", "64", "--eval_samples", "4", "--work_dir", str(tmp_path),
+            "--data_dir", str(shared_data / "chat"), "--tokenizer", str(shared_data / "tokenizers" / "qwen3")]
+    cfg = bench.build_config(bench.parse_args(args))
+    cfg.data_info = bench.prepare_data(cfg)
+    Path(cfg.out_dir).mkdir(parents=True)
+    bench.build_random_model(cfg, "cpu_tiny")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setitem(bench._SETUP, "device", torch.device("cpu"))
+
+    def out_of_memory(*_args, **_kwargs):
+        raise RuntimeError("CUDA out of memory (a stand-in)")
+
+    monkeypatch.setattr(bench, "_prime", out_of_memory)
+    bench._run_shape_here(cfg, "cpu_tiny")
+    (result,) = json.loads((Path(cfg.out_dir) / "cpu_tiny.json").read_text())
+    assert "error" not in result and result["steps"] == 2 and result["tokens_per_s"] > 0
+    assert result["prime"] == "failed (RuntimeError: CUDA out of memory (a stand-in)), variants unprimed"
+    assert "failed (RuntimeError" in bench.setup_lines(cfg, [result])
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun the other ranks would wait: the shape fails at once
+    monkeypatch.setattr(bench, "_dist_info", lambda: (0, 2, 0))
+    with pytest.raises(RuntimeError, match="a stand-in"):
+        bench._run_shape_here(cfg, "cpu_tiny")
