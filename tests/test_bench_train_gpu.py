@@ -16,6 +16,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def tiny_args(shared_data, tmp_path, *extra: str, steps: int = 1, samples: int = 64, backend: str = "hf") -> list[str]:
+    """bench_train_gpu.py's arguments for the CPU smoke shape (2 rows of 256 per micro-batch, 1 warm-up step)."""
+    return ["--shapes", "cpu_tiny", "--backend", backend, "--micro_rows", "2", "--warmup_steps", "1", "--steps",
+            str(steps), "--num_samples", str(samples), "--eval_samples", "4", "--work_dir", str(tmp_path),
+            "--data_dir", str(shared_data / "chat"), "--tokenizer", str(shared_data / "tokenizers" / "qwen3"), *extra]
+
+
+def tiny_config(bench, shared_data, tmp_path, steps: int = 1):
+    """The BenchConfig of `tiny_args`, with its data prepared."""
+    cfg = bench.build_config(bench.parse_args(tiny_args(shared_data, tmp_path, steps=steps)))
+    cfg.data_info = bench.prepare_data(cfg)
+    return cfg
+
+
 @pytest.fixture
 def bench(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
@@ -26,10 +40,8 @@ def bench(monkeypatch):
 
 @pytest.mark.integration
 def test_bench_runs_under_torchrun_with_two_ranks(shared_data, tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train_gpu.py"), "--shapes", "cpu_tiny", "--backend", "hf",
-           "--nproc", "2", "--micro_rows", "2", "--warmup_steps", "1", "--steps", "1", "--num_samples", "64",
-           "--eval_samples", "4", "--work_dir", str(tmp_path), "--data_dir", str(shared_data / "chat"),
-           "--tokenizer", str(shared_data / "tokenizers" / "qwen3"), "--timeout", "300"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train_gpu.py"),
+           *tiny_args(shared_data, tmp_path, "--nproc", "2", "--timeout", "300")]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -267,11 +279,7 @@ def test_step_tokens_reads_each_variants_micro_batches_from_the_trainer(bench, s
 
     from benchmarks import step_tokens
 
-    args = ["--shapes", "cpu_tiny", "--backend", "hf", "--micro_rows", "2", "--warmup_steps", "1", "--steps", "2",
-            "--num_samples", "64", "--eval_samples", "4", "--work_dir", str(tmp_path),
-            "--data_dir", str(shared_data / "chat"), "--tokenizer", str(shared_data / "tokenizers" / "qwen3")]
-    cfg = bench.build_config(bench.parse_args(args))
-    cfg.data_info = bench.prepare_data(cfg)
+    cfg = tiny_config(bench, shared_data, tmp_path, steps=2)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_dir)
     rows = load_from_disk(cfg.data_info["rows"])
     row_tokens = sorted(sum(r) for r in rows["seq_lengths"])
@@ -294,7 +302,9 @@ def test_step_tokens_reads_each_variants_micro_batches_from_the_trainer(bench, s
     cfg.variants = ["unsloth_auto", "opensloth"]
     assert bench.prime_size(cfg) == max(2 * cfg.max_seq_length, max(auto))
 
-    assert step_tokens.main(args[:2] + ["--variants", "unsloth_packing,opensloth"] + args[4:]) == 0
+    # the unsloth backend's variant names (the hf backend has only hf_opensloth); nothing here loads Unsloth
+    assert step_tokens.main(tiny_args(shared_data, tmp_path, "--variants", "unsloth_packing,opensloth", steps=2,
+                                      backend="unsloth")) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.strip().startswith("opensloth"))
     assert line.split("; a new largest")[0].split()[1:] == [f"{t:,}," for t in ours[:2]] + [f"{ours[2]:,}"]
@@ -303,10 +313,9 @@ def test_step_tokens_reads_each_variants_micro_batches_from_the_trainer(bench, s
 
 @pytest.mark.integration
 def test_profiled_steps_come_after_the_timed_ones_and_write_a_report(shared_data, tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train_gpu.py"), "--shapes", "cpu_tiny", "--backend", "hf",
-           "--micro_rows", "2", "--warmup_steps", "1", "--steps", "2", "--profile_steps", "2", "--num_samples", "96",
-           "--eval_samples", "4", "--work_dir", str(tmp_path), "--data_dir", str(shared_data / "chat"),
-           "--tokenizer", str(shared_data / "tokenizers" / "qwen3"), "--timeout", "300", "--no_prime"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train_gpu.py"),
+           *tiny_args(shared_data, tmp_path, "--profile_steps", "2", "--timeout", "300", "--no_prime", steps=2,
+                      samples=96)]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -380,11 +389,7 @@ def test_a_short_last_prime_row_keeps_whole_documents(bench):
 
 @pytest.mark.integration
 def test_a_failed_prime_is_reported_and_the_variants_still_run(bench, shared_data, tmp_path, monkeypatch):
-    args = ["--shapes", "cpu_tiny", "--backend", "hf", "--micro_rows", "2", "--warmup_steps", "1", "--steps", "1",
-            "--num_samples", "64", "--eval_samples", "4", "--work_dir", str(tmp_path),
-            "--data_dir", str(shared_data / "chat"), "--tokenizer", str(shared_data / "tokenizers" / "qwen3")]
-    cfg = bench.build_config(bench.parse_args(args))
-    cfg.data_info = bench.prepare_data(cfg)
+    cfg = tiny_config(bench, shared_data, tmp_path)
     Path(cfg.out_dir).mkdir(parents=True)
     bench.build_random_model(cfg, "cpu_tiny")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
