@@ -611,23 +611,41 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def variant_data(cfg: BenchConfig, variant: str) -> tuple[Any, int, dict[str, Any]]:
+    """(training dataset, micro-batch size, SFTConfig arguments) of ``variant``: the raw samples for Unsloth's modes
+    (``packing=True`` packs them), OpenSloth's rows or samples (already collated by its own collator)."""
+    from datasets import load_from_disk
+
+    info = cfg.data_info
+    if variant in ("unsloth_packing", "unsloth_auto"):
+        packing = variant == "unsloth_packing"
+        return load_from_disk(info["train"]), cfg.micro_rows if packing else padded_batch(cfg), \
+            {"packing": True} if packing else {}
+    padding_free = variant == "opensloth_padding_free"
+    return (load_from_disk(info["train" if padding_free else "rows"]),
+            padded_batch(cfg) if padding_free else cfg.micro_rows,
+            {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True}})
+
+
 def _sft_trainer(cfg: BenchConfig, shape: str, name: str, model, tokenizer, train_ds, batch: int, steps: int,
-                 world: int, collator=None, wiring=None, **kwargs):
-    """The SFTTrainer every run of the benchmark trains with (the same arguments for every variant and the prime);
-    ``wiring``: OpenSloth's `BatchWiring`, attached to the trainer (with the window patch for masked rows)."""
+                 world: int, collator=None, wiring=None, cpu: bool = False, **kwargs):
+    """The SFTTrainer every run of the benchmark trains with (the same arguments for every variant and the prime;
+    ``kwargs`` add to or replace them); ``wiring``: OpenSloth's `BatchWiring`, attached to the trainer (with the
+    window patch for masked rows). ``cpu``: on the CPU even where a GPU is (`benchmarks/step_tokens.py`)."""
     import torch
     from trl import SFTConfig
 
     from opensloth.patching.sft_trainer import sft_trainer_class
 
-    cuda = torch.cuda.is_available()
-    args = SFTConfig(
-        output_dir=str(Path(cfg.work_dir) / "trainer" / shape / name), per_device_train_batch_size=batch,
-        gradient_accumulation_steps=cfg.grad_accum, max_steps=steps, learning_rate=cfg.learning_rate,
-        lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none",
-        max_length=cfg.max_seq_length, bf16=cuda, fp16=False, use_cpu=not cuda, seed=cfg.seed,
-        dataloader_num_workers=0, dataloader_pin_memory=cuda, logging_nan_inf_filter=False, optim="adamw_torch",
-        ddp_find_unused_parameters=False if world > 1 else None, gradient_checkpointing=cuda, **kwargs)
+    cuda = torch.cuda.is_available() and not cpu
+    args = SFTConfig(**{
+        "output_dir": str(Path(cfg.work_dir) / "trainer" / shape / name), "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": cfg.grad_accum, "max_steps": steps, "learning_rate": cfg.learning_rate,
+        "lr_scheduler_type": "constant", "warmup_steps": 0, "logging_steps": 1, "save_strategy": "no",
+        "report_to": "none", "max_length": cfg.max_seq_length, "bf16": cuda, "fp16": False, "use_cpu": not cuda,
+        "seed": cfg.seed, "dataloader_num_workers": 0, "dataloader_pin_memory": cuda, "logging_nan_inf_filter": False,
+        "optim": "adamw_torch", "ddp_find_unused_parameters": False if world > 1 else None,
+        "gradient_checkpointing": cuda, **kwargs})
     trainer = sft_trainer_class()(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                                    data_collator=collator)
     if wiring is not None:
@@ -646,31 +664,19 @@ def _train_variant(cfg: BenchConfig, shape: str, variant: str, model, tokenizer,
 
     info = cfg.data_info
     cuda = torch.cuda.is_available()
-    kwargs: dict[str, Any] = {}
     collator = wiring = None
     note = ""
-    layout = "-"
-    batch = cfg.micro_rows
+    train_ds, batch, kwargs = variant_data(cfg, variant)
     if variant in ("unsloth_packing", "unsloth_auto"):
-        train_ds = load_from_disk(info["train"])
-        if variant == "unsloth_packing":
-            kwargs["packing"] = True
-            layout = "flat (TRL BFD rows)"
-        else:
-            batch = padded_batch(cfg)
-            layout = "flat (samples)"
+        layout = "flat (TRL BFD rows)" if variant == "unsloth_packing" else "flat (samples)"
     else:
         from opensloth.wiring import wire_batches
 
         packing = "padding_free" if variant == "opensloth_padding_free" else "packed"
-        train_ds = load_from_disk(info["train" if packing == "padding_free" else "rows"])
-        if packing == "padding_free":
-            batch = padded_batch(cfg)
         wiring = wire_batches(model, backend=cfg.backend, packing=packing, max_seq_length=cfg.max_seq_length,
                               pad_token_id=tokenizer.pad_token_id, per_device_batch_size=batch, dataset=train_ds)
         collator, layout = wiring.collator, wiring.layout
         note = wiring.check.describe() if wiring.check is not None else ""
-        kwargs.update(remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})
     trainer = _sft_trainer(cfg, shape, variant, model, tokenizer, train_ds, batch, cfg.trained_steps, world,
                            collator=collator, wiring=wiring, **kwargs)
     counter = _Counter()

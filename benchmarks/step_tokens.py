@@ -45,45 +45,30 @@ def variant_tokens(cfg: Any, variant: str, tokenizer: Any, micro_batches: int | 
     import logging
     import warnings
 
-    from datasets import load_from_disk
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    from trl import SFTConfig
 
-    from benchmarks.bench_train_gpu import padded_batch
+    from benchmarks.bench_train_gpu import _sft_trainer, variant_data
     from opensloth.collate import PackedDataCollator
-    from opensloth.patching.sft_trainer import sft_trainer_class
 
     if variant not in FLAT_VARIANTS:
         raise ValueError(f"variant = {variant!r}; choose from {FLAT_VARIANTS}")
-    info = cfg.data_info
-    kwargs: dict[str, Any] = {}
+    dataset, batch, kwargs = variant_data(cfg, variant)
     collator = None
-    if variant == "opensloth":
-        dataset, batch = load_from_disk(info["rows"]), cfg.micro_rows
-    else:
-        dataset = load_from_disk(info["train"])
-        batch = cfg.micro_rows if variant == "unsloth_packing" else padded_batch(cfg)
     if variant.startswith("opensloth"):
         collator = PackedDataCollator(pad_token_id=tokenizer.pad_token_id, layout="flat")
-        kwargs.update(remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})
-    elif variant == "unsloth_packing":
-        kwargs["packing"] = True
-    else:
-        kwargs.update(padding_free=True, max_length=None)  # TRL's padding-free batches of samples cut none
+    elif variant == "unsloth_auto":  # what Unsloth's default does by itself; TRL cuts none of these samples
+        kwargs.update(padding_free=True, max_length=None)
     model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                          head_dim=8))
-    args = SFTConfig(output_dir=str(Path(cfg.work_dir) / "step_tokens" / variant), per_device_train_batch_size=batch,
-                     gradient_accumulation_steps=cfg.grad_accum, seed=cfg.seed, use_cpu=True, report_to="none",
-                     dataloader_num_workers=0, **{"max_length": cfg.max_seq_length, **kwargs})
     trl_logger = logging.getLogger("trl")
     level = trl_logger.level
     trl_logger.setLevel(logging.ERROR)  # TRL warns that the tiny model's SDPA is no flash kernel: irrelevant here
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trainer = sft_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                           data_collator=collator)
+            trainer = _sft_trainer(cfg, "step_tokens", variant, model, tokenizer, dataset, batch, 1, 1,
+                                   collator=collator, cpu=True, **kwargs)
     finally:
         trl_logger.setLevel(level)
     out = []
