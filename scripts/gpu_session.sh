@@ -18,6 +18,11 @@
 # Measured on the H100 (fourth session, 2026-12-07): Qwen3-8B with three variants 323 s in all; Gemma 2 with three
 # variants about 520 s (Unsloth's autotuning), so Gemma 2 alone in a call (VARIANTS_ARCH=unsloth_packing,opensloth,
 # unsloth_packing); Gemma 3 with three variants 175 s; its family test 168 s (give TESTS_CAP 230, not 210).
+# Fifth session (H100, 2026-12-07, with the prime): Qwen3-8B and Llama-3.1-8B with three variants about 320 s each
+# (the prime 19-25 s of it); Gemma 3 with four variants and 3 profiled steps 495 s (its prime 106 s); Gemma 2 with
+# three variants 341 s (its prime 68 s). Gemma 2 at the same micro-batch setting trains about 10x Unsloth's tokens
+# per step (Unsloth pads 8 samples, ours 8 packed rows) at about 4x its memory; MICRO_ARCH=1 compares at about the
+# same tokens per step.
 #
 # Setup (../shared/gpu/README.md): .gpu/site.tgz (bash ../shared/gpu/make_site_bundle.sh .gpu/site.tgz) and
 # .gpu/data/{tokenizers/qwen3,chat} copied from ../shared/data; the call carries .gpu:
@@ -31,9 +36,14 @@ VARIANTS_8B=${VARIANTS_8B:-unsloth_packing,unsloth_auto,opensloth,unsloth_packin
 # Ours twice as well: at 0.06-0.1 s steps the order moves a small model's figures by 10-40% (Gemma 3 on the H100,
 # 2026-12-07: the anchor's first run 0.61-0.69x its second, ours 0.86-0.88x), so each side's later run is its figure.
 VARIANTS_ARCH=${VARIANTS_ARCH:-unsloth_packing,opensloth,unsloth_packing,opensloth}
-# Profiled steps after the timed ones (SHAPE_VARIANT_profile.txt under arch/): ours lost about 9 ms per 0.06-0.09 s
-# step on Gemma 3, unexplained; the profile says whether the GPU waits on the CPU side there.
+# Profiled steps after the timed ones (SHAPE_VARIANT_profile.txt under arch/). Gemma 3 (fifth session): the GPU is
+# busy 40-52% of a small model's step in both paths, which run the same compiled graphs (the same kernel counts).
 ARCH_PROFILE=${ARCH_PROFILE:-3}
+MICRO_ARCH=${MICRO_ARCH:-8}  # rows (or, where Unsloth ignores packing=True, padded samples) per micro-batch
+PROFILE_8B=${PROFILE_8B:-0}  # profiled steps after the timed ones at 8B (where an 8B step's time goes: the MFU goal)
+# NO_GC_8B=1: no gradient checkpointing at 8B (no recomputed forward, which MFU's 4N leaves out; all of a micro-batch's
+# activations held, so only a few rows fit: e.g. MICRO_8B=2)
+GC_FLAG=""; [ -n "${NO_GC_8B:-}" ] && GC_FLAG="--no_gradient_checkpointing"
 SHAPES_8B=${SHAPES_8B:-qwen3_8b,llama31_8b}
 MICRO_8B=${MICRO_8B:-16}  # rows of 4096 per micro-batch at 8B: 8 peaked at 12-13 GB on the H200; the issue asks for the largest that fits
 SAMPLES_8B=${SAMPLES_8B:-$(( 120 * MICRO_8B ))}  # 2+4 full steps: about 18 samples fill a row of 4096
@@ -68,9 +78,10 @@ if want 06b; then
 fi
 if want arch; then
   # TORCH_LOGS=recompiles: Unsloth compiles Gemma 3's decoder layers one by one, with one recompile limit for all;
-  # a variant that hits it runs them eagerly without an error (the log and each variant's "routes" line say so).
+  # a variant that hits it would run them eagerly without an error (the log and each variant's "routes" line say so;
+  # on the H100 in the fifth session neither showed it: no recompile, no graph compiled during our train()).
   say "a small model per family"; TORCH_LOGS=${TORCH_LOGS-recompiles} timeout "$(cap "$ARCH_CAP")" python benchmarks/bench_train_gpu.py --shapes "$ARCH_SHAPES" --variants "$VARIANTS_ARCH" \
-    --warmup_steps 2 --steps 4 --profile_steps "$ARCH_PROFILE" --num_samples 1200 --eval_samples 12 --work_dir /tmp/barch --out_dir /tmp/c/arch \
+    --micro_rows "$MICRO_ARCH" --warmup_steps 2 --steps 4 --profile_steps "$ARCH_PROFILE" --num_samples 1200 --eval_samples 12 --work_dir /tmp/barch --out_dir /tmp/c/arch \
     --timeout $(( ARCH_CAP - 10 )) > /tmp/c/bench_arch.log 2>&1
   echo "arch rc $?"; pack; grep -A16 "^| shape" /tmp/c/bench_arch.log
   for f in /tmp/c/arch/*_profile.txt; do [ -f "$f" ] && echo "$(basename "$f"): $(head -1 "$f")"; done
@@ -81,9 +92,10 @@ if want 8b && [ "$(left)" -gt 200 ]; then
   # against 5.5-5.9 s), and Llama-3.1-8B none. The log showed no recompile (H100, 2026-12-07); the slow steps were
   # those that met a new largest micro-batch, which the bench's prime now takes out of the timed steps.
   say "8B shapes with $(left)s left"; TORCH_LOGS=${TORCH_LOGS-recompiles} timeout "$(( $(left) - 5 ))" python benchmarks/bench_train_gpu.py --shapes "$SHAPES_8B" \
-    --variants "$VARIANTS_8B" --lora_targets all --micro_rows "$MICRO_8B" --warmup_steps 2 --steps 4 \
-    --num_samples "$SAMPLES_8B" --eval_samples 8 --work_dir /tmp/b8 --out_dir /tmp/c/b8 --timeout 400 --work_timings \
+    --variants "$VARIANTS_8B" --lora_targets all --micro_rows "$MICRO_8B" --warmup_steps 2 --steps 4 --profile_steps "$PROFILE_8B" $GC_FLAG \
+    --num_samples "$SAMPLES_8B" --eval_samples 8 --work_dir /tmp/b8 --out_dir /tmp/c/b8 --timeout "$(( $(left) - 15 ))" --work_timings \
     --work_max_tokens 8192 > /tmp/c/bench_8b.log 2>&1
   echo "8b rc $?"; pack; grep -A8 "^| shape" /tmp/c/bench_8b.log
+  for f in /tmp/c/b8/*_profile.txt; do [ -f "$f" ] && echo "$(basename "$f"): $(head -1 "$f")"; done
 fi
 say done; pack

@@ -410,3 +410,33 @@ def test_a_failed_prime_is_reported_and_the_variants_still_run(bench, shared_dat
     monkeypatch.setattr(bench, "_dist_info", lambda: (0, 2, 0))
     with pytest.raises(RuntimeError, match="a stand-in"):
         bench._run_shape_here(cfg, "cpu_tiny")
+
+
+@pytest.mark.parametrize("flag, expected", [((), "unsloth"), (("--no_gradient_checkpointing",), False)])
+def test_gradient_checkpointing_reaches_unsloth_and_the_report(bench, shared_data, tmp_path, monkeypatch, flag,
+                                                               expected):
+    """Unsloth's offloaded checkpointing by default; `--no_gradient_checkpointing` asks Unsloth's LoRA set-up for
+    none (so no recomputed forward: the MFU study at 8B) and says so in the setup lines."""
+    import types
+
+    cfg = bench.build_config(bench.parse_args(tiny_args(shared_data, tmp_path, *flag, backend="unsloth")))
+    cfg.data_info = bench.prepare_data(cfg)
+    seen = {}
+
+    class FastLanguageModel:  # a stand-in: Unsloth does not import without a GPU
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            return "model", "tokenizer"
+
+        @staticmethod
+        def get_peft_model(model, **kwargs):
+            seen.update(kwargs)
+            return model
+
+    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=FastLanguageModel))
+    assert bench._load(cfg, "cpu_tiny", 0) == ("model", "tokenizer")
+    assert seen["use_gradient_checkpointing"] == expected
+    assert cfg.gradient_checkpointing is (expected == "unsloth")
+    lines = bench.setup_lines(cfg, [])
+    assert ("Unsloth gradient checkpointing" in lines) is (expected == "unsloth")
+    assert ("no gradient checkpointing" in lines) is (expected is False)
