@@ -27,8 +27,9 @@ figures as the torch < 2.12 fallback).
 
 Shapes: random weights from the config of a real architecture (saved once with ``save_pretrained``), 4-bit NF4
 (QLoRA; ``--no_4bit`` for 16-bit LoRA), LoRA r 16 alpha 16 on ``--lora_targets`` (``attn``: q/k/v/o; ``all``: every
-linear layer of the blocks), Unsloth's gradient checkpointing (``--no_gradient_checkpointing``: none), the real Qwen3 tokenizer (so every shape uses
-Qwen3's vocabulary of 151,936 for its embedding and LM head; the Llama-3.1-8B shape's own is 128,256).
+linear layer of the blocks), Unsloth's gradient checkpointing (``--no_gradient_checkpointing``: none), the real
+Qwen3 tokenizer (so every shape uses Qwen3's vocabulary of 151,936 for its embedding and LM head; the Llama-3.1-8B
+shape's own is 128,256).
 
 Order matters: the first variant of a process compiles what Unsloth compiles (each transformer block, per new
 shape), and a recompile that falls inside its timed steps slows it, not the later variants. So does a step whose
@@ -1188,7 +1189,8 @@ def setup_lines(cfg: BenchConfig, results: list[dict]) -> str:
         f"{cfg.eval_samples} held-out samples, each run alone",
         f"- model: random weights from each shape's config, {'4-bit NF4 (QLoRA)' if cfg.load_in_4bit else '16-bit'}, "
         f"LoRA r {cfg.lora_r} on {cfg.lora_targets} ({', '.join(LORA_TARGETS[cfg.lora_targets])}), "
-        f"{'Unsloth gradient checkpointing' if cfg.gradient_checkpointing else 'no gradient checkpointing'}, lr {cfg.learning_rate} constant, AdamW",
+        f"{'Unsloth gradient checkpointing' if cfg.gradient_checkpointing else 'no gradient checkpointing'}, "
+        f"lr {cfg.learning_rate} constant, AdamW",
         f"- steps: {cfg.warmup_steps} warm-up + {cfg.steps} timed; {cfg.micro_rows} rows per micro-batch x "
         f"{cfg.grad_accum}; unpacked variants {padded_batch(cfg)} samples per micro-batch; all variants of a shape "
         f"in one process, from the same LoRA initialisation, in the order {', '.join(cfg.variants)}",
