@@ -27,7 +27,7 @@ figures as the torch < 2.12 fallback).
 
 Shapes: random weights from the config of a real architecture (saved once with ``save_pretrained``), 4-bit NF4
 (QLoRA; ``--no_4bit`` for 16-bit LoRA), LoRA r 16 alpha 16 on ``--lora_targets`` (``attn``: q/k/v/o; ``all``: every
-linear layer of the blocks), Unsloth's gradient checkpointing (``--no_gradient_checkpointing``: none), the real
+linear layer of the blocks), Unsloth's offloaded gradient checkpointing (``--gradient_checkpointing``), the real
 Qwen3 tokenizer (so every shape uses Qwen3's vocabulary of 151,936 for its embedding and LM head; the Llama-3.1-8B
 shape's own is 128,256).
 
@@ -116,6 +116,11 @@ FAMILIES = {  # family -> (config class, model class) in transformers
 }
 LORA_TARGETS = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
                 "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+# --gradient_checkpointing: what Unsloth's get_peft_model is asked for, and the setup line's words for it
+GRADIENT_CHECKPOINTING: dict[str, str | bool] = {"unsloth": "unsloth", "gpu": True, "off": False}
+GRADIENT_CHECKPOINTING_LABEL = {"unsloth": "Unsloth gradient checkpointing (offloaded)",
+                                "gpu": "gradient checkpointing on the GPU (not offloaded)",
+                                "off": "no gradient checkpointing"}
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -146,7 +151,7 @@ class BenchConfig:
     lora_r: int = 16
     lora_targets: str = "attn"
     load_in_4bit: bool = True
-    gradient_checkpointing: bool = True  # Unsloth's offloaded checkpointing; off: no recompute, more memory
+    gradient_checkpointing: str = "unsloth"  # a key of GRADIENT_CHECKPOINTING
     seed: int = 3407
     backend: str = "unsloth"
     nproc: int = 1
@@ -193,10 +198,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora_r", type=int, default=16)
     p.add_argument("--lora_targets", choices=tuple(LORA_TARGETS), default="attn")
     p.add_argument("--no_4bit", action="store_true", help="16-bit LoRA instead of QLoRA")
-    p.add_argument("--no_gradient_checkpointing", action="store_true",
-                   help="train without Unsloth's offloaded gradient checkpointing: no recomputed forward (2N of the 6N "
-                        "matmul FLOPs per token a LoRA step does with it; MFU counts 4N), at the memory of every "
-                        "layer's activations")
+    p.add_argument("--gradient_checkpointing", choices=tuple(GRADIENT_CHECKPOINTING), default="unsloth",
+                   help="unsloth: Unsloth's offloaded checkpointing (its default; checkpoints go to host memory and "
+                        "back over PCIe); gpu: plain checkpointing, checkpoints kept on the GPU; off: none, no "
+                        "recomputed forward (2N of the 6N matmul FLOPs per token a LoRA step does with "
+                        "checkpointing; MFU counts 4N), at the memory of every layer's activations")
     p.add_argument("--seed", type=int, default=3407)
     p.add_argument("--backend", choices=("unsloth", "hf"), default="unsloth",
                    help="hf: no Unsloth anywhere (transformers SDPA, OpenSloth rows); for CPU smoke tests")
@@ -259,7 +265,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         padded_batch=args.padded_batch, warmup_steps=args.warmup_steps, steps=args.steps,
         num_samples=args.num_samples, eval_samples=args.eval_samples, learning_rate=args.learning_rate,
         lora_r=args.lora_r, lora_targets=args.lora_targets, load_in_4bit=not args.no_4bit and args.backend == "unsloth",
-        gradient_checkpointing=not args.no_gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing,
         seed=args.seed, backend=args.backend, nproc=args.nproc, timeout=args.timeout,
         unsloth_fallback=args.unsloth_fallback, work_timings=args.work_timings, work_max_tokens=args.work_max_tokens,
         prime=not args.no_prime, profile_steps=args.profile_steps)
@@ -582,8 +588,8 @@ def _load(cfg: BenchConfig, shape: str, local_rank: int):
             device_map=f"cuda:{local_rank}")
         model = FastLanguageModel.get_peft_model(model, r=cfg.lora_r, lora_alpha=cfg.lora_r, lora_dropout=0.0,
                                                  target_modules=targets,
-                                                 use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing
-                                                 else False,
+                                                 use_gradient_checkpointing=GRADIENT_CHECKPOINTING[
+                                                     cfg.gradient_checkpointing],
                                                  random_state=cfg.seed)
         return model, tokenizer
     from peft import LoraConfig, get_peft_model
@@ -654,7 +660,7 @@ def _sft_trainer(cfg: BenchConfig, shape: str, name: str, model, tokenizer, trai
         "report_to": "none", "max_length": cfg.max_seq_length, "bf16": cuda, "fp16": False, "use_cpu": not cuda,
         "seed": cfg.seed, "dataloader_num_workers": 0, "dataloader_pin_memory": cuda, "logging_nan_inf_filter": False,
         "optim": "adamw_torch", "ddp_find_unused_parameters": False if world > 1 else None,
-        "gradient_checkpointing": cuda and cfg.gradient_checkpointing, **kwargs})
+        "gradient_checkpointing": cuda and cfg.gradient_checkpointing != "off", **kwargs})
     trainer = sft_trainer_class()(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                                    data_collator=collator)
     if wiring is not None:
@@ -1189,7 +1195,7 @@ def setup_lines(cfg: BenchConfig, results: list[dict]) -> str:
         f"{cfg.eval_samples} held-out samples, each run alone",
         f"- model: random weights from each shape's config, {'4-bit NF4 (QLoRA)' if cfg.load_in_4bit else '16-bit'}, "
         f"LoRA r {cfg.lora_r} on {cfg.lora_targets} ({', '.join(LORA_TARGETS[cfg.lora_targets])}), "
-        f"{'Unsloth gradient checkpointing' if cfg.gradient_checkpointing else 'no gradient checkpointing'}, "
+        f"{GRADIENT_CHECKPOINTING_LABEL[cfg.gradient_checkpointing]}, "
         f"lr {cfg.learning_rate} constant, AdamW",
         f"- steps: {cfg.warmup_steps} warm-up + {cfg.steps} timed; {cfg.micro_rows} rows per micro-batch x "
         f"{cfg.grad_accum}; unpacked variants {padded_batch(cfg)} samples per micro-batch; all variants of a shape "

@@ -21,8 +21,9 @@
 # Fifth session (H100, 2026-12-07, with the prime): Qwen3-8B and Llama-3.1-8B with three variants about 320 s each
 # (the prime 19-25 s of it); Gemma 3 with four variants and 3 profiled steps 495 s (its prime 106 s); Gemma 2 with
 # three variants 341 s (its prime 68 s). Gemma 2 at the same micro-batch setting trains about 10x Unsloth's tokens
-# per step (Unsloth pads 8 samples, ours 8 packed rows) at about 4x its memory; MICRO_ARCH=1 compares at about the
-# same tokens per step.
+# per step (Unsloth pads 8 samples, ours 8 packed rows) at about 4x its memory. Same samples per step: Unsloth's auto
+# mode pads Gemma 2 with as many samples per micro-batch as our rows hold (MICRO_ARCH=1: about 9 samples, one row;
+# VARIANTS_ARCH=unsloth_auto,opensloth,unsloth_auto).
 #
 # Setup (../shared/gpu/README.md): .gpu/site.tgz (bash ../shared/gpu/make_site_bundle.sh .gpu/site.tgz) and
 # .gpu/data/{tokenizers/qwen3,chat} copied from ../shared/data; the call carries .gpu:
@@ -41,9 +42,10 @@ VARIANTS_ARCH=${VARIANTS_ARCH:-unsloth_packing,opensloth,unsloth_packing,openslo
 ARCH_PROFILE=${ARCH_PROFILE:-3}
 MICRO_ARCH=${MICRO_ARCH:-8}  # rows (or, where Unsloth ignores packing=True, padded samples) per micro-batch
 PROFILE_8B=${PROFILE_8B:-0}  # profiled steps after the timed ones at 8B (where an 8B step's time goes: the MFU goal)
-# NO_GC_8B=1: no gradient checkpointing at 8B (no recomputed forward, which MFU's 4N leaves out; all of a micro-batch's
-# activations held, so only a few rows fit: e.g. MICRO_8B=2)
-GC_FLAG=""; [ -n "${NO_GC_8B:-}" ] && GC_FLAG="--no_gradient_checkpointing"
+# GC_8B: gradient checkpointing at 8B (the MFU goal): unsloth (offloaded to host memory, Unsloth's default), gpu
+# (checkpoints kept on the GPU: 16 rows of Qwen3-8B's hidden states are about 19 GB, no PCIe traffic), off (no
+# recomputed forward, which MFU's 4N leaves out; every activation of a micro-batch held, so few rows: MICRO_8B=2)
+GC_8B=${GC_8B:-unsloth}
 SHAPES_8B=${SHAPES_8B:-qwen3_8b,llama31_8b}
 MICRO_8B=${MICRO_8B:-16}  # rows of 4096 per micro-batch at 8B: 8 peaked at 12-13 GB on the H200; the issue asks for the largest that fits
 SAMPLES_8B=${SAMPLES_8B:-$(( 120 * MICRO_8B ))}  # 2+4 full steps: about 18 samples fill a row of 4096
@@ -92,7 +94,7 @@ if want 8b && [ "$(left)" -gt 200 ]; then
   # against 5.5-5.9 s), and Llama-3.1-8B none. The log showed no recompile (H100, 2026-12-07); the slow steps were
   # those that met a new largest micro-batch, which the bench's prime now takes out of the timed steps.
   say "8B shapes with $(left)s left"; TORCH_LOGS=${TORCH_LOGS-recompiles} timeout "$(( $(left) - 5 ))" python benchmarks/bench_train_gpu.py --shapes "$SHAPES_8B" \
-    --variants "$VARIANTS_8B" --lora_targets all --micro_rows "$MICRO_8B" --warmup_steps 2 --steps 4 --profile_steps "$PROFILE_8B" $GC_FLAG \
+    --variants "$VARIANTS_8B" --lora_targets all --micro_rows "$MICRO_8B" --warmup_steps 2 --steps 4 --profile_steps "$PROFILE_8B" --gradient_checkpointing "$GC_8B" \
     --num_samples "$SAMPLES_8B" --eval_samples 8 --work_dir /tmp/b8 --out_dir /tmp/c/b8 --timeout "$(( $(left) - 15 ))" --work_timings \
     --work_max_tokens 8192 > /tmp/c/bench_8b.log 2>&1
   echo "8b rc $?"; pack; grep -A8 "^| shape" /tmp/c/bench_8b.log

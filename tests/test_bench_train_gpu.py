@@ -412,11 +412,14 @@ def test_a_failed_prime_is_reported_and_the_variants_still_run(bench, shared_dat
         bench._run_shape_here(cfg, "cpu_tiny")
 
 
-@pytest.mark.parametrize("flag, expected", [((), "unsloth"), (("--no_gradient_checkpointing",), False)])
+@pytest.mark.parametrize("flag, expected, label", [
+    ((), "unsloth", "Unsloth gradient checkpointing (offloaded)"),
+    (("--gradient_checkpointing", "gpu"), True, "gradient checkpointing on the GPU"),
+    (("--gradient_checkpointing", "off"), False, "no gradient checkpointing")])
 def test_gradient_checkpointing_reaches_unsloth_and_the_report(bench, shared_data, tmp_path, monkeypatch, flag,
-                                                               expected):
-    """Unsloth's offloaded checkpointing by default; `--no_gradient_checkpointing` asks Unsloth's LoRA set-up for
-    none (so no recomputed forward: the MFU study at 8B) and says so in the setup lines."""
+                                                               expected, label):
+    """Unsloth's offloaded checkpointing by default; `--gradient_checkpointing gpu` asks Unsloth's LoRA set-up for
+    plain checkpointing and `off` for none (the MFU study at 8B), and the setup lines say which."""
     import types
 
     cfg = bench.build_config(bench.parse_args(tiny_args(shared_data, tmp_path, *flag, backend="unsloth")))
@@ -435,8 +438,8 @@ def test_gradient_checkpointing_reaches_unsloth_and_the_report(bench, shared_dat
 
     monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=FastLanguageModel))
     assert bench._load(cfg, "cpu_tiny", 0) == ("model", "tokenizer")
-    assert seen["use_gradient_checkpointing"] == expected
-    assert cfg.gradient_checkpointing is (expected == "unsloth")
+    asked = seen["use_gradient_checkpointing"]
+    assert asked == expected and type(asked) is type(expected)  # True is not "unsloth", False is not "off"
     lines = bench.setup_lines(cfg, [])
-    assert ("Unsloth gradient checkpointing" in lines) is (expected == "unsloth")
-    assert ("no gradient checkpointing" in lines) is (expected is False)
+    assert label in lines
+    assert sum(other in lines for other in bench.GRADIENT_CHECKPOINTING_LABEL.values()) == 1
