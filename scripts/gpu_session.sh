@@ -38,7 +38,7 @@ VARIANTS_8B=${VARIANTS_8B:-unsloth_packing,unsloth_auto,opensloth,unsloth_packin
 # 2026-12-07: the anchor's first run 0.61-0.69x its second, ours 0.86-0.88x), so each side's later run is its figure.
 VARIANTS_ARCH=${VARIANTS_ARCH:-unsloth_packing,opensloth,unsloth_packing,opensloth}
 # Profiled steps after the timed ones (SHAPE_VARIANT_profile.txt under arch/). Gemma 3 (fifth session): the GPU is
-# busy 40-52% of a small model's step in both paths, which run the same compiled graphs (the same kernel counts).
+# busy 39-52% of a small model's step in both paths, which run the same compiled graphs (the same kernel counts).
 ARCH_PROFILE=${ARCH_PROFILE:-3}
 MICRO_ARCH=${MICRO_ARCH:-8}  # rows (or, where Unsloth ignores packing=True, padded samples) per micro-batch
 PROFILE_8B=${PROFILE_8B:-0}  # profiled steps after the timed ones at 8B (where an 8B step's time goes: the MFU goal)
