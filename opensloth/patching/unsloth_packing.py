@@ -10,10 +10,13 @@ on for everything after it).
 
 What:
 - `enable_unsloth_packed_attention` calls Unsloth's ``enable_hf_packed_attention()``. It applies process-wide, to
-  models that Unsloth runs on the transformers modeling path (Gemma 3, for one). Those models then read
+  models that Unsloth runs on the transformers modeling path with SDPA attention. Those models then read
   ``packed_seq_lengths`` and run one varlen kernel over the flat row. Without it they get SDPA over the dense
   block-causal mask that transformers builds from ``position_ids``, whose cost grows with the square of the
-  micro-batch's whole flat row. Batches without ``packed_seq_lengths`` go to the original SDPA as before.
+  micro-batch's whole flat row. Batches without ``packed_seq_lengths`` go to the original SDPA as before. Gemma 3
+  is not one of them on Unsloth 2026.10.9: Unsloth gives it flex attention, whose block mask (built by transformers
+  from the restarting ``position_ids``) keeps packed samples apart without a dense mask; on an H100 its steps ran
+  flex-attention kernels and Unsloth's varlen counters stayed at zero (benchmarks/results/gpu_train.md).
 - `scope_unsloth_flash_impl` calls Unsloth's ``scope_flash_attention_impl_to_train(trainer, model, "seq_lengths")``.
   Then, during ``trainer.train()`` only, torch's flash kernels run as FA3 (Hopper, hidden size >= 2048) or FA4
   (Blackwell, documents of 1024 tokens or more on average, read from the rows' ``seq_lengths``) when that package is
