@@ -34,8 +34,8 @@ STAGES=${STAGES:-"tests 06b arch 8b"}
 TESTS=${TESTS:-"tests/gpu/test_unsloth_families.py"}
 VARIANTS_06B=${VARIANTS_06B:-unsloth_packing,unsloth_auto,opensloth,unsloth_packing}
 VARIANTS_8B=${VARIANTS_8B:-unsloth_packing,unsloth_auto,opensloth,unsloth_packing}
-# Ours twice as well: at 0.06-0.1 s steps the order moves a small model's figures by 10-40% (Gemma 3 on the H100,
-# 2026-12-07: the anchor's first run 0.61-0.69x its second, ours 0.86-0.88x), so each side's later run is its figure.
+# Ours twice as well: at 0.06-0.16 s steps the order moves a small model's figures by up to 1.6x (Gemma 3 on the
+# H100, 2026-12-07: the anchor's first run 0.61-0.77x its second, ours 0.71x), so each side's later run is its figure.
 VARIANTS_ARCH=${VARIANTS_ARCH:-unsloth_packing,opensloth,unsloth_packing,opensloth}
 # Profiled steps after the timed ones (SHAPE_VARIANT_profile.txt under arch/). Gemma 3 (fifth session): the GPU is
 # busy 39-52% of a small model's step in both paths, which run the same compiled graphs (the same kernel counts).
