@@ -24,6 +24,12 @@
 # per step (Unsloth pads 8 samples, ours 8 packed rows) at about 4x its memory. Same samples per step: Unsloth's auto
 # mode pads Gemma 2 with as many samples per micro-batch as our rows hold (MICRO_ARCH=1: about 9 samples, one row;
 # VARIANTS_ARCH=unsloth_auto,opensloth,unsloth_auto).
+# Sixth session (H100, 2026-12-08): Gemma 2 against Unsloth's auto mode at 72 samples, three variants, 298 s (prime
+# 50 s); both 8B shapes without checkpointing at 2 rows (GC_8B=off MICRO_8B=2), three variants each, 404 s; small
+# Llama, Mistral and Qwen3 with four variants 157 s, Mistral and Qwen2 124 s, Qwen2 with 2 profiled steps 94 s.
+# Small models at 8 rows of 2048 time the host more than the path (Qwen2's four runs: the same GPU kernel time,
+# 48-49 ms a step, in walls of 70-109 ms; ours 0.82x to 1.23x across two calls): MICRO_ARCH=32 ARCH_STEPS=8 makes
+# each step mostly GPU work (ARCH_SAMPLES follows).
 #
 # Setup (../shared/gpu/README.md): .gpu/site.tgz (bash ../shared/gpu/make_site_bundle.sh .gpu/site.tgz) and
 # .gpu/data/{tokenizers/qwen3,chat} copied from ../shared/data; the call carries .gpu:
@@ -41,6 +47,9 @@ VARIANTS_ARCH=${VARIANTS_ARCH:-unsloth_packing,opensloth,unsloth_packing,openslo
 # busy 39-52% of a small model's step in both paths, which run the same compiled graphs (the same kernel counts).
 ARCH_PROFILE=${ARCH_PROFILE:-3}
 MICRO_ARCH=${MICRO_ARCH:-8}  # rows (or, where Unsloth ignores packing=True, padded samples) per micro-batch
+ARCH_STEPS=${ARCH_STEPS:-4}  # timed steps per variant, after 2 warm-up steps
+# About 9 samples fill a row of 2048; 11 a row leaves a spare for TRL's rows and the profiled steps.
+ARCH_SAMPLES=${ARCH_SAMPLES:-$(( (2 + ARCH_STEPS + ARCH_PROFILE) * MICRO_ARCH * 11 > 1200 ? (2 + ARCH_STEPS + ARCH_PROFILE) * MICRO_ARCH * 11 : 1200 ))}
 PROFILE_8B=${PROFILE_8B:-0}  # profiled steps after the timed ones at 8B (where an 8B step's time goes: the MFU goal)
 # GC_8B: gradient checkpointing at 8B (the MFU goal): unsloth (offloaded to host memory, Unsloth's default), gpu
 # (checkpoints kept on the GPU: 16 rows of Qwen3-8B's hidden states are about 19 GB, no PCIe traffic), off (no
@@ -83,7 +92,7 @@ if want arch; then
   # a variant that hits it would run them eagerly without an error (the log and each variant's "routes" line say so;
   # on the H100 in the fifth session neither showed it: no recompile, no graph compiled during our train()).
   say "a small model per family"; TORCH_LOGS=${TORCH_LOGS-recompiles} timeout "$(cap "$ARCH_CAP")" python benchmarks/bench_train_gpu.py --shapes "$ARCH_SHAPES" --variants "$VARIANTS_ARCH" \
-    --micro_rows "$MICRO_ARCH" --warmup_steps 2 --steps 4 --profile_steps "$ARCH_PROFILE" --num_samples 1200 --eval_samples 12 --work_dir /tmp/barch --out_dir /tmp/c/arch \
+    --micro_rows "$MICRO_ARCH" --warmup_steps 2 --steps "$ARCH_STEPS" --profile_steps "$ARCH_PROFILE" --num_samples "$ARCH_SAMPLES" --eval_samples 12 --work_dir /tmp/barch --out_dir /tmp/c/arch \
     --timeout $(( ARCH_CAP - 10 )) > /tmp/c/bench_arch.log 2>&1
   echo "arch rc $?"; pack; grep -A16 "^| shape" /tmp/c/bench_arch.log
   for f in /tmp/c/arch/*_profile.txt; do [ -f "$f" ] && echo "$(basename "$f"): $(head -1 "$f")"; done
