@@ -49,7 +49,8 @@ ARCH_PROFILE=${ARCH_PROFILE:-3}
 MICRO_ARCH=${MICRO_ARCH:-8}  # rows (or, where Unsloth ignores packing=True, padded samples) per micro-batch
 ARCH_STEPS=${ARCH_STEPS:-4}  # timed steps per variant, after 2 warm-up steps
 # About 9 samples fill a row of 2048; 11 a row leaves a spare for TRL's rows and the profiled steps.
-ARCH_SAMPLES=${ARCH_SAMPLES:-$(( (2 + ARCH_STEPS + ARCH_PROFILE) * MICRO_ARCH * 11 > 1200 ? (2 + ARCH_STEPS + ARCH_PROFILE) * MICRO_ARCH * 11 : 1200 ))}
+arch_need=$(( (2 + ARCH_STEPS + ARCH_PROFILE) * MICRO_ARCH * 11 ))
+ARCH_SAMPLES=${ARCH_SAMPLES:-$(( arch_need > 1200 ? arch_need : 1200 ))}
 PROFILE_8B=${PROFILE_8B:-0}  # profiled steps after the timed ones at 8B (where an 8B step's time goes: the MFU goal)
 # GC_8B: gradient checkpointing at 8B (the MFU goal): unsloth (offloaded to host memory, Unsloth's default), gpu
 # (checkpoints kept on the GPU: 16 rows of Qwen3-8B's hidden states are about 19 GB, no PCIe traffic), off (no
