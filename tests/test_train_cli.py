@@ -446,6 +446,25 @@ def test_records_and_eval_sets_with_no_trained_token_are_dropped_with_a_message(
         assert info["records"]["train"]["dropped_no_trained"] == 3
 
 
+
+def test_an_edit_that_keeps_size_and_time_is_not_served_from_the_cache(cli, tmp_path, tiny_tok):
+    """`cp -p`, `rsync -a` or an edit within the same second keep a file's size and modification time: the cache key
+    must follow the bytes."""
+    path = _write_jsonl(tmp_path / "chats.jsonl", [_chat(i, answer="it is fine.") for i in range(6)])
+    config = _config(cli, tmp_path, "--dataset", str(path), "--train_samples", "6", "--test_samples", "0")
+    first, _, info = cli.prepare_datasets(config, tiny_tok, 1)
+    assert info["built_here"]
+    stat = path.stat()
+    _write_jsonl(path, [_chat(i, answer="it is good.") for i in range(6)])  # same length, other words
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    edited, _, info = cli.prepare_datasets(config, tiny_tok, 1)
+    assert info["built_here"]  # a new key, not the first build's rows
+    assert list(edited["input_ids"]) != list(first["input_ids"])
+    again, _, info = cli.prepare_datasets(config, tiny_tok, 1)
+    assert not info["built_here"] and list(again["input_ids"]) == list(edited["input_ids"])
+
+
 # ------------------------------------------------------------------------------------------------ output folder
 
 

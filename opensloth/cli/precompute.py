@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 from opensloth.config import dataset_problem
+from opensloth.data.cache import file_sha256
 from opensloth.data.records import read_chat_records
 
 PROG = "opensloth precompute"
@@ -90,14 +90,6 @@ def resolve_source(src: str) -> list[Path]:
     raise SystemExit(f"--data {src!r}: {dataset_problem(src) or 'is not an existing file or folder'}")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_records(sources: list[str], max_records: int | None, on_error: str = "raise"):
     """All records of the sources, as a list of dicts (or one datasets.Dataset for a save_to_disk folder)."""
     records: list = []
@@ -119,7 +111,7 @@ def load_records(sources: list[str], max_records: int | None, on_error: str = "r
         except ValueError as exc:
             raise SystemExit(str(exc).replace("pass on_error='skip'", "pass --on_error skip")) from None
         provenance.append({"source": src, "path": str(path), "rows": len(records) - n0,
-                           "sha256": sha256_file(path)})
+                           "sha256": file_sha256(path)})
     if max_records is not None:
         if isinstance(records, list):
             records = records[:max_records]

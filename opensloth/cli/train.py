@@ -298,18 +298,21 @@ def check_dataset_spec(spec: str) -> None:
         raise RunError(f"--dataset {spec}: {problem}")
 
 
-def dataset_identity(spec: str, seed: int) -> dict:
-    """What identifies the raw data for the cache key (file sizes and times; the name for hub data)."""
+def dataset_identity(spec: str, seed: int, *, contents: bool = True) -> dict:
+    """What identifies the raw data: for a file or folder, each file's name, size and (with `contents`, as the cache
+    key needs) SHA-256; the name for hub data."""
     path = Path(spec)
     if spec == "synthetic":
         from opensloth.presets.synthetic import LENGTH_MEDIAN, LENGTH_SIGMA
 
         return {"kind": "synthetic", "seed": seed, "median": LENGTH_MEDIAN, "sigma": LENGTH_SIGMA}
     if path.exists():
+        from opensloth.data.cache import file_sha256
+
         files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
         return {"kind": "path", "path": str(path.resolve()),
-                "files": [[str(p.relative_to(path)) if path.is_dir() else p.name, p.stat().st_size,
-                           int(p.stat().st_mtime)] for p in files]}
+                "files": [[str(p.relative_to(path)) if path.is_dir() else p.name, p.stat().st_size]
+                          + ([file_sha256(p)] if contents else []) for p in files]}
     return {"kind": "hub", "name": spec}
 
 
@@ -813,9 +816,9 @@ def curve_record(config: TrainConfig, world_size: int) -> dict:
     out = config.curve_settings(world_size)
     if config.skip_prepare:
         return out
-    ident = dataset_identity(config.dataset, config.seed)
+    ident = dataset_identity(config.dataset, config.seed, contents=False)
     if ident.get("kind") == "path":
-        ident = {"kind": ident["kind"], "files": [[f[0], f[1]] for f in ident.get("files", [])]}
+        ident = {"kind": ident["kind"], "files": ident["files"]}
     out["data_files"] = ident
     return out
 

@@ -157,6 +157,16 @@ def make_cache_key(material: Mapping[str, Any], length: int = 16) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes: what identifies raw data in a cache key (sizes and times do not: `cp -p`, `rsync -a`
+    and an edit within the same second keep both)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _sample_indices(n: int, k_ends: int = 8, k_spread: int = 16) -> list[int]:
     if n <= 0:
         return []
