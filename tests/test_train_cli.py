@@ -223,6 +223,15 @@ def test_interval_mean_weights_by_steps(cli):
     assert cli._interval_mean(history, "missing") is None
 
 
+def test_interval_mean_of_a_resumed_run_counts_the_logged_steps_only(cli):
+    """Resumed at step 7 of a run that logged at 1 and 5: the restored history holds those two, the resumed run's
+    first log (step 9) covers steps 8-9, and steps 6-7 were never logged."""
+    history = [{"step": 1, "loss": 10.0}, {"step": 5, "loss": 20.0}, {"step": 9, "loss": 30.0},
+               {"step": 10, "loss": 40.0}]
+    assert cli._interval_mean(history, "loss", 7) == pytest.approx((10 * 1 + 20 * 4 + 30 * 2 + 40 * 1) / 8)
+    assert cli._interval_mean(history, "loss", 5) == pytest.approx((10 * 1 + 20 * 4 + 30 * 4 + 40 * 1) / 10)
+
+
 def test_format_summary_shows_the_figures(cli):
     summary = {"run_name": "r_ws2", "world_size": 2, "backend": "hf", "packing": "balanced", "patches": True,
                "global_step": 24, "max_steps": 24, "epoch": 1.0, "resumed_from_step": None,

@@ -689,12 +689,16 @@ def write_debug_pages(trainer, train_dataset, config: TrainConfig, rank: int, wo
 # ------------------------------------------------------------------------------------------------ summary
 
 
-def _interval_mean(history: list[dict], key: str) -> float | None:
+def _interval_mean(history: list[dict], key: str, resumed_from: int | None = None) -> float | None:
     """Mean of a per-interval figure over the run, weighted by the optimizer steps each interval covers (training
-    logs only: an evaluation's log entry can carry the figures of the steps before it too)."""
+    logs only: an evaluation's log entry can carry the figures of the steps before it too). A resumed run's history
+    starts with the logs its checkpoint kept; its first own log covers the steps after `resumed_from` only, and the
+    steps between the checkpoint's last log and the checkpoint were never logged, so they count in no interval."""
     total, weight, last_step = 0.0, 0, 0
     for entry in history:
         if key in entry and entry.get("step") is not None and "eval_loss" not in entry:
+            if resumed_from is not None and last_step < resumed_from < int(entry["step"]):
+                last_step = resumed_from
             steps = max(1, int(entry["step"]) - last_step)
             total += float(entry[key]) * steps
             weight += steps
@@ -730,13 +734,14 @@ def summarize_run(trainer, train_output, *, config: TrainConfig, world_size: int
         # FinalStepLog makes the last log cover the last optimizer step alone
         "final_train_loss": losses[-1][1] if losses else None,
         "final_logged_step": losses[-1][0] if losses else None,
-        "train_loss_mean": metrics.get("train_loss"),
+        # the Trainer's train_loss divides this process's loss sum by every step, the resumed-over ones included
+        "train_loss_mean": _interval_mean(history, "loss", resumed_from),
         "final_eval_loss": eval_loss,
         "train_runtime_s": metrics.get("train_runtime"),
         "wall_time_s": seconds,
-        "tokens_per_sec_per_gpu": _interval_mean(history, "opensloth/tokens_per_sec_per_gpu"),
-        "real_token_fraction": _interval_mean(history, "opensloth/real_token_fraction"),
-        "rank_work_max_over_mean": _interval_mean(history, "opensloth/rank_work_max_over_mean"),
+        "tokens_per_sec_per_gpu": _interval_mean(history, "opensloth/tokens_per_sec_per_gpu", resumed_from),
+        "real_token_fraction": _interval_mean(history, "opensloth/real_token_fraction", resumed_from),
+        "rank_work_max_over_mean": _interval_mean(history, "opensloth/rank_work_max_over_mean", resumed_from),
         "tensorboard_event_files": events,
         "checkpoints": checkpoints,
         "data": data_info,

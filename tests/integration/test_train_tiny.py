@@ -141,7 +141,11 @@ def test_resume_continues_from_the_saved_step(single, resumed):
     assert s["resumed_from_step"] == SAVE_EVERY and s["global_step"] == STEPS
     assert s["data"]["built_here"] is False  # the prepared data came from the cache the first run wrote
     # this run trained (and logged) only the steps after the checkpoint...
-    assert sorted(_tb_losses(out_dir)) == list(range(SAVE_EVERY + 1, STEPS + 1))
+    own = _tb_losses(out_dir)
+    assert sorted(own) == list(range(SAVE_EVERY + 1, STEPS + 1))
+    # the mean covers the logged steps: step 1 (the checkpoint's only log; steps 2-3 were never logged) and its own
+    assert s["train_loss_mean"] == pytest.approx((s_full["first_train_loss"] + sum(own.values())) / (1 + len(own)),
+                                                 rel=1e-4)
     # ...and, restoring weights, optimizer, scheduler, RNG and data position, ends where the uninterrupted run did
     assert s["final_train_loss"] == pytest.approx(s_full["final_train_loss"], rel=1e-3)
     assert s["final_eval_loss"] == pytest.approx(s_full["final_eval_loss"], rel=1e-3)
