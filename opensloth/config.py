@@ -44,6 +44,9 @@ GRADIENT_CHECKPOINTING = ("auto", "on", "off")
 DEFAULT_DATASET = "trl-lib/Capybara"
 PRESET_DATASET = "synthetic"
 ON_ERROR = ("raise", "skip")
+# transformers' schedules that need no lr_scheduler_kwargs and no evaluation metric (which the flags do not give)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
 # The development datasets of the OpenSloth repository (tests and benchmarks read them through
 # benchmarks/_shared_data.py). The library does not look them up: named here only to tell a user to pass the file.
 DEVELOPMENT_DATASETS = ("alpaca", "gsm8k", "hh_rlhf", "arena_hard")
@@ -58,17 +61,40 @@ CURVE_KEYS = ("model_name", "preset", "lora_r", "lora_alpha", "lora_dropout", "l
               "lr_scheduler_type", "seed")
 
 
+def _path_shaped(spec: str) -> bool:
+    """Written as a path, never as a hub name (`namespace/name`)."""
+    return spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1
+
+
 def looks_like_local_path(spec: str) -> bool:
     """Whether a --dataset value names a local file or folder rather than a hub dataset (`namespace/name`): it
     starts with `/`, `.` or `~`, has more than one `/` or a backslash, ends with a data-file suffix, or its first
     component is a local folder."""
     if not spec:
         return False
-    if spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1:
+    if _path_shaped(spec):
         return True
     if spec.lower().endswith(DATA_SUFFIXES):
         return True
     return "/" in spec and os.path.isdir(spec.split("/", 1)[0])
+
+
+def model_problem(spec: str) -> str | None:
+    """Why a --model_name value cannot be loaded, or None: a path that does not exist, a file, or a folder without the
+    config.json (or a LoRA adapter's adapter_config.json) that from_pretrained reads. Hub names (`namespace/name`)
+    are checked when loaded."""
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        if any(os.path.isfile(os.path.join(path, name)) for name in ("config.json", "adapter_config.json")):
+            return None
+        return (f"the folder {spec!r} holds no config.json, so it is not a model (a tokenizer or data folder?); give "
+                f"the folder save_pretrained wrote, or a hub name")
+    if os.path.exists(path):
+        return f"{spec!r} is a file; give the model's folder (the one holding config.json) or a hub name"
+    if _path_shaped(spec):
+        return (f"folder not found: {spec!r} (relative to {os.getcwd()}); give an existing model folder or a hub "
+                f"name such as Qwen/Qwen3-0.6B")
+    return None
 
 
 def dataset_problem(spec: str) -> str | None:
@@ -158,7 +184,7 @@ class TrainConfig:
     grad_accum: int = _f(4, "gradient accumulation steps (micro-batches per optimizer step per process)")
     warmup_ratio: float = _f(0.0, "fraction of the steps spent warming the learning rate up")
     weight_decay: float = _f(0.0, "AdamW weight decay")
-    lr_scheduler_type: str = _f("linear", "learning-rate schedule (transformers names: linear, cosine, constant, ...)")
+    lr_scheduler_type: str = _f("linear", "learning-rate schedule (transformers' name)", choices=LR_SCHEDULERS)
     seed: int = _f(42, "seed for weights (LoRA init), data order and dropout")
 
     ddp_backend: str = _f("auto", "torch.distributed backend under torchrun: 'auto' (nccl on CUDA, gloo on CPU), or "
@@ -234,6 +260,9 @@ class TrainConfig:
             if not cond:
                 out.append((f"--{name}", message))
 
+        if self.preset is None and self.model_name and model_problem(self.model_name) is not None:
+            out.append(("--model_name", model_problem(self.model_name)))
+
         for name in ("max_seq_length", "train_samples", "per_device_batch_size", "grad_accum", "save_steps",
                      "logging_steps"):
             value = getattr(self, name)
@@ -259,6 +288,15 @@ class TrainConfig:
         need(self.debug_dataloader >= 0, "debug_dataloader", f"must be >= 0 (0: off), got {self.debug_dataloader}")
         need(bool(self.experiment_name.strip()) and "/" not in self.experiment_name, "experiment_name",
              f"must be a non-empty name without '/', got {self.experiment_name!r}")
+        need(self.max_seq_length < 1 or self.max_seq_length >= 4, "max_seq_length",
+             f"must be at least 4 tokens (the packed-attention check's probe row), got {self.max_seq_length}")
+        if self.lora_r == 0:
+            out += [(f"--{name}", "only applies to LoRA; --lora_r 0 is full fine-tuning")
+                    for name in ("lora_alpha", "lora_dropout", "lora_targets") if name in given]
+        if self.skip_prepare:
+            out += [(f"--{name}", "prepares raw data, but --prepared_dataset_path trains data already prepared by "
+                                  "`opensloth precompute` (give it there, or drop --prepared_dataset_path)")
+                    for name in ("dataset", "all_tokens", "on_error", "dataset_num_proc") if name in given]
         if self.skip_prepare and not self.prepared_dataset_path:
             out.append(("--prepared_dataset_path", "is required with --skip_prepare (a folder written by "
                                                    "`opensloth precompute`)"))

@@ -82,11 +82,59 @@ def _error(cli, capsys, argv) -> str:
     (["--eval_strategy", "steps", "--test_samples", "0"], "--eval_strategy"),
     (["--eval_steps", "5"], "--eval_steps"),
     (["--save_steps", "5"], "--save_steps"),
+    (["--lr_scheduler_type", "cosin"], "--lr_scheduler_type"),
+    (["--lr_scheduler_type", "cosine_with_min_lr"], "--lr_scheduler_type"),  # needs lr_scheduler_kwargs
+    (["--max_seq_length", "3"], "--max_seq_length"),
+    (["--lora_r", "0", "--lora_targets", "q_proj"], "--lora_targets"),
+    (["--lora_r", "0", "--lora_alpha", "32"], "--lora_alpha"),
+    (["--model_name", "/nonexistent/opensloth/model"], "--model_name"),
+    (["--model_name", "./my-model"], "--model_name"),
 ])
 def test_bad_flags_are_argparse_errors_naming_the_flag(cli, capsys, argv, flag):
     err = _error(cli, capsys, argv)
     assert f"argument {flag}" in err
     assert "usage:" in err
+
+
+def test_the_scheduler_choices_are_transformers_schedules_that_need_no_extra_arguments(cli):
+    import torch
+    from transformers import get_scheduler
+    from transformers.trainer_utils import SchedulerType
+
+    from opensloth.config import LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
+    for name in LR_SCHEDULERS:
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10)
+        optimizer.step()
+        scheduler.step()
+
+
+def test_a_model_folder_must_hold_a_model(cli, capsys, tmp_path):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer_config.json").write_text("{}")
+    err = _error(cli, capsys, ["--model_name", str(tmp_path / "tok")])
+    assert "argument --model_name" in err and "holds no config.json" in err
+    (tmp_path / "weights.bin").write_text("x")
+    assert "is a file" in _error(cli, capsys, ["--model_name", str(tmp_path / "weights.bin")])
+    for kept in ("config.json", "adapter_config.json"):  # a model, or a LoRA adapter over one
+        folder = tmp_path / kept.split(".")[0]
+        folder.mkdir()
+        (folder / kept).write_text("{}")
+        config, _ = cli.parse_args(["--model_name", str(folder)])
+        assert config.model_name == str(folder)
+    config, _ = cli.parse_args(["--model_name", "Qwen/Qwen3-0.6B"])  # a hub name is checked when loaded
+    assert config.model_name == "Qwen/Qwen3-0.6B"
+
+
+@pytest.mark.parametrize("flag", [["--dataset", "synthetic"], ["--all_tokens"], ["--on_error", "skip"],
+                                  ["--dataset_num_proc", "2"]])
+def test_data_preparation_flags_conflict_with_a_prepared_dataset(cli, capsys, tmp_path, flag):
+    """A prepared dataset is trained as `opensloth precompute` wrote it: a flag that would prepare the data otherwise
+    must not be taken silently."""
+    err = _error(cli, capsys, ["--prepared_dataset_path", str(tmp_path), *flag])
+    assert f"argument {flag[0]}" in err and "precompute" in err
 
 
 @pytest.mark.parametrize("argv", [["--lr", "1e-3"], ["--per_device", "2"], ["--max_seq", "128"]])
