@@ -556,6 +556,19 @@ def test_a_new_run_refuses_a_folder_that_holds_a_run(cli, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted([cli.CONFIG_FILE, "notes.txt"])  # only the old run gone
 
 
+def test_resume_latest_points_at_the_run_of_another_world_size(cli, tmp_path, monkeypatch):
+    """The default run folder is named after the world size, so `latest` on 2 processes looks in <name>_ws2; a
+    checkpoint the 1-process run wrote is named in the error, with the flag that continues it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "exp_ws1" / "checkpoint-3").mkdir(parents=True)
+    config, _ = cli.parse_args(["--preset", "tiny", "--experiment_name", "exp", "--resume_from_checkpoint", "latest"])
+    with pytest.raises(cli.RunError) as err:
+        cli._resume_path(config, config.resolved_output_dir(2))
+    assert "no checkpoint-N folder in outputs/exp_ws2" in str(err.value)
+    assert "--output_dir outputs/exp_ws1" in str(err.value)
+    assert cli._resume_path(config, config.resolved_output_dir(1)).endswith("checkpoint-3")
+
+
 def test_resume_checks_the_stored_configuration(cli, tmp_path):
     out = tmp_path / "run"
     flags = ["--output_dir", str(out), "--grad_accum", "2", "--per_device_batch_size", "4"]

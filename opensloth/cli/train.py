@@ -921,7 +921,14 @@ def _resume_path(config: TrainConfig, output_dir: str) -> str | None:
 
     last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
     if last is None:
-        raise RunError(f"--resume_from_checkpoint latest: no checkpoint-N folder in {output_dir}")
+        hint = ""
+        if config.output_dir is None:  # the run's folder is named after the world size: a run of another size?
+            others = sorted(str(p) for p in Path(output_dir).parent.glob(f"{config.experiment_name}_ws*")
+                            if p.is_dir() and get_last_checkpoint(str(p)) is not None)
+            if others:
+                hint = (f"; the checkpoints of this experiment on another number of processes are in "
+                        f"{', '.join(others)}: continue one there with --output_dir {others[-1]}")
+        raise RunError(f"--resume_from_checkpoint latest: no checkpoint-N folder in {output_dir}{hint}")
     return last
 
 
