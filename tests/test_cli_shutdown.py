@@ -37,6 +37,37 @@ def test_a_run_that_cannot_go_on_shuts_down_without_waiting(calls, capsys):
     assert "no such dataset" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
+def test_ctrl_c_is_one_line_from_rank_0_and_status_130(calls, capsys, monkeypatch, rank, said):
+    monkeypatch.setenv("RANK", rank)
+
+    def interrupted():
+        raise cli.RunInterrupted("interrupted at step 3 of 9")
+
+    assert cli.run_command("opensloth train", interrupted) == 130
+    assert calls == ["destroy"]
+    assert ("opensloth train: interrupted at step 3 of 9" in capsys.readouterr().err) is said
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("RANK", "0")
+    assert cli.run_command("opensloth train", ctrl_c) == 130
+    assert "opensloth train: interrupted" in capsys.readouterr().err
+
+
+def test_the_interrupted_message_names_the_checkpoint_to_continue_from(tmp_path):
+    from types import SimpleNamespace
+
+    state = SimpleNamespace(global_step=7, max_steps=20)
+    assert "no checkpoint was saved yet" in cli.interrupted_message(state, str(tmp_path / "none"))
+    for step in (3, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    msg = cli.interrupted_message(state, str(tmp_path))
+    assert "interrupted at step 7 of 20" in msg and str(tmp_path / "checkpoint-6") in msg
+    assert "--resume_from_checkpoint latest" in msg
+
+
 def test_a_crash_shuts_down_without_waiting_and_propagates(calls):
     def crash():
         raise RuntimeError("out of memory")

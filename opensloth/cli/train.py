@@ -37,6 +37,10 @@ class RunError(RuntimeError):
     """A run cannot start or go on; the message says why and what to do."""
 
 
+class RunInterrupted(Exception):
+    """Training was interrupted (Ctrl-C); the message says where it stopped and how to continue."""
+
+
 # ------------------------------------------------------------------------------------------------ arguments
 
 
@@ -1034,6 +1038,18 @@ def setup_run(config: TrainConfig, sources: dict[str, str], *, output: bool = Tr
                     trainer=trainer, resume=resume)
 
 
+def interrupted_message(state, output_dir: str) -> str:
+    """Where an interrupted run stopped, and how to continue it from its newest checkpoint."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    where = f"interrupted at step {state.global_step} of {state.max_steps}"
+    if last is None:
+        return f"{where}; no checkpoint was saved yet, so running the command again starts over"
+    return (f"{where}; the newest checkpoint is {last}: continue with the same command and "
+            f"--resume_from_checkpoint latest")
+
+
 def run(config: TrainConfig, sources: dict[str, str]) -> dict:
     """Train as configured; returns the summary (also written to <output_dir>/run_summary.json by rank 0)."""
     t_start = time.perf_counter()
@@ -1053,7 +1069,10 @@ def run(config: TrainConfig, sources: dict[str, str]) -> dict:
         say(f"[opensloth] resuming from {resume} (step {resumed_from})")
 
     say("[opensloth] training...")
-    train_output = trainer.train(resume_from_checkpoint=resume)
+    try:
+        train_output = trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        raise RunInterrupted(interrupted_message(trainer.state, training_args.output_dir)) from None
     eval_loss = _final_eval_loss(trainer, setup.eval_dataset is not None)
     trainer.save_model(training_args.output_dir)
 
@@ -1076,8 +1095,8 @@ def print_config(config: TrainConfig, sources: dict[str, str]) -> int:
 
 
 def run_command(prog: str, action) -> int:
-    """Run `action()` as a command: a `RunError` is one line on stderr and exit status 2; the process group, if one
-    was started, is shut down either way."""
+    """Run `action()` as a command: a `RunError` is one line on stderr and exit status 2, Ctrl-C one line (rank 0's)
+    and status 130 (the shell's for SIGINT); the process group, if one was started, is shut down either way."""
     _stacks_on_fatal_signal()
     finished = False
     try:
@@ -1086,6 +1105,10 @@ def run_command(prog: str, action) -> int:
     except RunError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except (RunInterrupted, KeyboardInterrupt) as exc:  # every rank gets Ctrl-C; one says so
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            print(f"{prog}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return 130
     finally:
         _shutdown_process_group(wait_for_peers=finished)
     return 0
