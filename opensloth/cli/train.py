@@ -604,9 +604,7 @@ def build_trainer(config: TrainConfig, model, tokenizer, train_dataset, eval_dat
                   wiring):
     from opensloth.patching.sft_trainer import sft_trainer_class
 
-    trainer_cls = sft_trainer_class()
-    if trainer_cls.__name__ != "SFTTrainer" and backend == "hf":
-        say("[opensloth] TRL's fused LM-head loss needs triton on a GPU: the loss is the model's own here")
+    trainer_cls = sft_trainer_class()  # logs when it is the model-loss subclass (no triton)
     trainer = trainer_cls(
         model=model,
         args=training_args,
