@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -482,3 +483,171 @@ def test_html_inspector_marks_tool_calls_and_results(qwen3_tokenizer, tool_rows,
     assert any(labels[i] != IGNORE_INDEX for i in calls if sum(len(t) for t in texts[:i]) > system_end)
     plain, plain_summary = render_batch_html(batch, tok, tool_markers=())
     assert plain_summary["tool_call"] == plain_summary["tool_result"] == 0 and ' tc"' not in plain
+
+
+# --- templates that drop or reformat tool calls -------------------------------------------------------------------
+
+def _write_jsonl(path, records):
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_template_that_drops_tool_calls_stops_the_run(tmp_path):
+    """Regression: the tiny preset's template ignores `tool_calls` and `tools`; a tool-calling turn rendered as
+    `<|im_start|>assistant\\n<|im_end|>` and trained only `<|im_end|>`, with no warning. It must stop the run naming
+    the record, whatever on_error says (skipping would drop every tool record)."""
+    from opensloth.data.records import read_chat_records
+    from opensloth.presets.tokenizer import build_tiny_tokenizer
+
+    tiny = build_tiny_tokenizer()
+    plain = RECORDS[4]
+    path = _write_jsonl(tmp_path / "calls.jsonl", [plain, plain, RECORDS[0], plain, RECORDS[1]])
+    records = read_chat_records(path)
+    for on_error in ("raise", "skip"):
+        with pytest.raises(ChatFormatError) as err:
+            tokenize_chat_dataset(records, tiny, on_error=on_error)
+        msg = str(err.value)
+        assert f"{path}:3 (id='single_call_no_text')" in msg and "drops tool calls" in msg, on_error
+        assert "'get_weather'" in msg and "chat_template=" in msg, on_error
+        if on_error == "skip":
+            assert "none of the 2 records" in msg
+    with pytest.raises(ChatFormatError, match="drops tool calls"):
+        encode_chat(RECORDS[0], tiny)
+    # Records without tools on the same template are untouched.
+    assert len(tokenize_chat_dataset([plain, plain], tiny)) == 2
+
+
+def test_precompute_names_the_record_whose_calls_the_template_drops(tmp_path):
+    sys.path.insert(0, str(ROOT / "train_scripts"))
+    try:
+        import precompute_dataset
+    finally:
+        sys.path.remove(str(ROOT / "train_scripts"))
+    from opensloth.presets.tokenizer import build_tiny_tokenizer
+
+    build_tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    path = _write_jsonl(tmp_path / "calls.jsonl", [RECORDS[4], RECORDS[2]])
+    with pytest.raises(SystemExit, match=r"calls.jsonl:2 \(id='nested_mixed_arguments'\): the chat template drops"):
+        precompute_dataset.main(["--data", str(path), "--tokenizer", str(tmp_path / "tok"),
+                                 "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# Renders the content (`+`: fails on null content), then each call in the given form, then the tools' names.
+_CHATML = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | map(attribute='function') | map(attribute='name') "
+    "| join(', ') }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' %}{{ m.content + '' }}"
+    "{% for c in m.tool_calls or [] %}{% set f = c.function if c.function is defined else c %}CALLS{% endfor %}"
+    "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CALL_FORMS = {
+    "json": "<tool_call>{\"name\": \"{{ f.name }}\", \"arguments\": {{ f.arguments | tojson }}}</tool_call>",
+    "pretty_json": "<tool_call>\n{{ {'name': f.name, 'arguments': f.arguments} | tojson(indent=2) }}\n</tool_call>",
+    "python_repr": "[{{ f.name }}({{ f.arguments }})]",  # a dict as Python writes it: single quotes, True, None
+    "pythonic_kwargs": "[{{ f.name }}({% for k, v in f.arguments.items() %}{{ k }}={{ v | pprint }}"
+                       "{{ ', ' if not loop.last }}{% endfor %})]",
+    "llama3": "{\"name\": \"{{ f.name }}\", \"parameters\": {{ f.arguments | tojson }}}",
+    "mistral": "[TOOL_CALLS] [{{ {'name': f.name, 'arguments': f.arguments | tojson, 'id': 'abcdefghi'} "
+               "| tojson }}]",  # arguments JSON-encoded twice
+    "xml_parameters": "<function={{ f.name }}>{% for k, v in f.arguments.items() %}<parameter={{ k }}>"
+                      "{{ v | tojson if v is mapping or (v is iterable and v is not string) else v }}"
+                      "</parameter>{% endfor %}</function>",
+}
+ARGUMENTS = {"city": "São Paulo", "query": 'say "hi"\nthen <stop> & don\'t', "n": 3, "ratio": 2.0, "x": -1.5e-7,
+             "flag": True, "none": None, "nested": {"deep": [1, "two", {"k": "v"}], "empty": {}}}
+
+
+@pytest.mark.parametrize("form", sorted(CALL_FORMS))
+def test_templates_that_reformat_arguments_pass(qwen3_tokenizer, form):
+    """No false alarm on templates that write arguments as pretty JSON, Python repr, keyword arguments, per-parameter
+    XML or JSON encoded twice (Mistral-style), with non-ASCII, quotes, newlines and nested values; the call trains."""
+    template = _CHATML.replace("CALLS", CALL_FORMS[form])
+    rec = {"id": form, "tools": [WEATHER, SEARCH], "messages": [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": "", "tool_calls": [_call("get_weather", ARGUMENTS), _call("search", {})]},
+        {"role": "tool", "content": "ok"}, {"role": "assistant", "content": "done"}]}
+    out = encode_chat(rec, qwen3_tokenizer, chat_template=template)
+    runs = _trained_texts(qwen3_tokenizer, out)
+    assert "get_weather" in runs[0] and "search" in runs[0] and "Paulo" in runs[0], runs
+    if form in ("json", "llama3"):  # JSON arguments given as a JSON string: written verbatim
+        rec["messages"][1]["tool_calls"][0]["function"]["arguments"] = json.dumps(ARGUMENTS)
+        encode_chat(rec, qwen3_tokenizer, chat_template=template)
+
+
+@pytest.mark.parametrize(("calls", "fragment"), [
+    ("[CALL {{ f.name }}]", "argument text 'city'"),  # the name only: arguments dropped
+    ("{% if loop.first %}<tool_call>{{ f.name }} {{ f.arguments | tojson }}</tool_call>{% endif %}",
+     "tool call 1 ('search'): its function name"),  # only the first of parallel calls
+])
+def test_templates_that_drop_part_of_a_call(qwen3_tokenizer, calls, fragment):
+    template = _CHATML.replace("CALLS", calls)
+    rec = {"id": "x", "messages": [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": "", "tool_calls": [_call("get_weather", {"city": "Paris"}),
+                                                            _call("search", {"query": "q"})]},
+        {"role": "tool", "content": "ok"}, {"role": "assistant", "content": "done"}]}
+    with pytest.raises(ChatFormatError, match=re.escape(fragment)):
+        encode_chat(rec, qwen3_tokenizer, chat_template=template)
+
+
+def test_a_template_that_drops_tool_definitions(qwen3_tokenizer):
+    template = _CHATML.replace("{% if tools %}", "{% if false %}").replace("CALLS", CALL_FORMS["json"])
+    with pytest.raises(ChatFormatError, match=r"drops the tool definitions: tool 'get_weather'"):
+        encode_chat(RECORDS[0], qwen3_tokenizer, chat_template=template)
+    no_tools = {"messages": RECORDS[0]["messages"]}
+    assert "get_weather" in encode_chat(no_tools, qwen3_tokenizer, chat_template=template)["text"]
+
+
+def test_skip_drops_only_the_records_whose_calls_are_dropped(qwen3_tokenizer, tmp_path):
+    """A template that renders the first of parallel calls only: records with one call train, those with two are
+    named (raise) or skipped and counted (skip) -- not a whole-run error, since some records' calls do render."""
+    from opensloth.data.records import read_chat_records
+
+    template = _CHATML.replace("CALLS", "{% if loop.first %}" + CALL_FORMS["json"] + "{% endif %}")
+    path = _write_jsonl(tmp_path / "mixed.jsonl", [RECORDS[0], RECORDS[1], RECORDS[3], RECORDS[4]])
+    records = read_chat_records(path)
+    with pytest.raises(ChatFormatError, match=r"mixed.jsonl:2 \(id='parallel_calls_with_text'\).*'get_time'"):
+        tokenize_chat_dataset(records, qwen3_tokenizer, chat_template=template)
+    ds, stats = tokenize_chat_dataset(records, qwen3_tokenizer, chat_template=template, on_error="skip",
+                                      return_stats=True)
+    assert (len(ds), stats.skipped) == (3, 1) and "mixed.jsonl:2" in next(iter(stats.skip_reasons))
+
+
+def test_null_content_next_to_tool_calls(qwen3_tokenizer):
+    """`"content": null` (or no content) next to tool calls reaches a template as written; a template that
+    concatenates the content (and so fails on null) gets "" there, which means the same."""
+    tok = qwen3_tokenizer
+    empty = copy.deepcopy(RECORDS[0])
+    null = copy.deepcopy(empty)
+    null["messages"][1]["content"] = None
+    absent = copy.deepcopy(empty)
+    del absent["messages"][1]["content"]
+    out = encode_chat(null, tok)  # Qwen3 handles null itself: rendered as written
+    assert out["text"] == tok.apply_chat_template(null["messages"], tools=null["tools"], tokenize=False)
+    template = _CHATML.replace("CALLS", CALL_FORMS["json"])
+    with pytest.raises(TypeError):
+        tok.apply_chat_template(null["messages"], tools=null["tools"], chat_template=template, tokenize=False)
+    want = encode_chat(empty, tok, chat_template=template)
+    assert '<tool_call>{"name": "get_weather"' in want["text"]
+    for rec in (null, absent):
+        assert encode_chat(rec, tok, chat_template=template) == want
+    rows = tokenize_chat_dataset([null, absent, empty], tok, chat_template=template).to_list()
+    assert all(r["labels"] == rows[2]["labels"] for r in rows)
+    # A failure with nothing to do with null content is still reported as the template's.
+    broken = template.replace("{{ m.content }}", "{{ m.content + 1 }}")
+    with pytest.raises(ChatFormatError, match="the chat template failed on it"):
+        encode_chat(null, tok, chat_template=broken)
+
+
+def test_tool_calls_in_an_untrained_prompt_are_checked_too(qwen3_tokenizer):
+    """Prompt-completion records: calls in the prompt get no span; they are looked for in the whole text."""
+    from opensloth.presets.tokenizer import build_tiny_tokenizer
+
+    rec = {"prompt": RECORDS[0]["messages"][:3], "completion": RECORDS[0]["messages"][3:]}
+    out = encode_chat(rec, qwen3_tokenizer)
+    assert _trained_texts(qwen3_tokenizer, out) == ["It is 21 °C in Paris." + EOT]
+    with pytest.raises(ChatFormatError, match="drops tool calls"):
+        encode_chat(rec, build_tiny_tokenizer())

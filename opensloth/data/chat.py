@@ -10,7 +10,9 @@ Pipeline (both steps are `Dataset.map(batched=True, num_proc=..., remove_columns
 2. Tokenise: `text` is encoded with offsets (no special tokens added: the template already wrote them) and
    the character spans are mapped to tokens, giving `input_ids` and `labels` (and optionally `assistant_masks`).
 
-Records reach the template exactly as written. A list of records (e.g. from `read_chat_records`) is handed to
+Records reach the template exactly as written, with one exception: `"content": null` (or no content) next to an
+assistant's `tool_calls` is passed as written, and only when the template fails on the record (it concatenates the
+content) is the record rendered again with "" there. A list of records (e.g. from `read_chat_records`) is handed to
 `datasets` as one JSON string per record and decoded again before rendering, so no columnar schema is imposed across
 records: tool-call `arguments` with different keys, or the same key with different JSON types, stay as each record
 wrote them. (A `datasets.Dataset` given as input already has such a schema: free-form payloads stored as Arrow
@@ -36,9 +38,14 @@ Bad records (no conversation field, an empty conversation, an unknown role, non-
 `tool_calls` or `tools`, no assistant turn when training assistant-only, a template that fails on the record or
 whose renderings cannot be aligned) raise `ChatFormatError` naming the record (`file:line` for records read by
 `opensloth.data.records.read_chat_records`, else `record N` numbered from 1), or with `on_error="skip"` are dropped
-and counted in the log. Records longer than `max_seq_length` are truncated (or dropped with `overflow="drop"`);
-either way they are counted and logged. A record left with no trained token (truncation cut every answer) is
-dropped and counted; when none is left, `NothingToTrainError` says why and what to change.
+and counted in the log. So does a record whose tool calls or tools the template drops (many templates ignore
+`tool_calls` and `tools`, and would train an empty turn): each call's function name and each key and string/number
+value of its arguments (in any of the forms templates write them: JSON, pretty JSON, Python repr, escaped twice)
+must be in the text of its assistant turn, and each tool's name in the text outside the assistant turns. When no
+record's tool calls/tools render, the template drops them all: that stops the run even with `on_error="skip"`.
+Records longer than `max_seq_length` are truncated (or dropped with `overflow="drop"`); either way they are counted
+and logged. A record left with no trained token (truncation cut every answer) is dropped and counted; when none is
+left, `NothingToTrainError` says why and what to change.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from opensloth.distributed import logger
 
 IGNORE_INDEX = -100
 # Bump when the rendered text or the labels of some record change: it is part of the training scripts' cache keys.
-CHAT_FORMAT_VERSION = 2
+CHAT_FORMAT_VERSION = 3  # 3: tool calls a template drops stop the run; null content next to calls renders
 KNOWN_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "tool": "tool", "observation": "tool", "function_call": "assistant"}
@@ -558,6 +565,28 @@ def render_with_spans(
         end_of_turn = detect_end_of_turn(tokenizer, chat_template)
     if probe is None:
         probe = probe_chat_template(tokenizer, chat_template, tools=tools, **template_kwargs)
+    kw = {"tokenizer": tokenizer, "end_of_turn": end_of_turn, "chat_template": chat_template,
+          "record_name": record_name, "tools": tools, "probe": probe, "trained_from": trained_from,
+          "template_kwargs": template_kwargs}
+    try:
+        text, spans = _render_spans(messages, **kw)
+    except ChatFormatError as exc:
+        # OpenAI writes `"content": null` (or no content) next to tool calls; a template that concatenates the
+        # content fails on it. Only then is the record rendered with "" there, which means the same.
+        if exc.__cause__ is None or not any(_empty_call_content(m) for m in messages):
+            raise
+        messages = [{**m, "content": ""} if _empty_call_content(m) else m for m in messages]
+        text, spans = _render_spans(messages, **kw)
+    _check_tools_rendered(messages, tools, text, spans, trained_from, record_name)
+    return text, spans
+
+
+def _empty_call_content(msg: dict) -> bool:
+    return msg["role"] == "assistant" and bool(msg.get("tool_calls")) and msg.get("content") is None
+
+
+def _render_spans(messages, *, tokenizer, end_of_turn, chat_template, record_name, tools, probe, trained_from,
+                  template_kwargs) -> tuple[str, list[tuple[int, int]]]:
     text = _render(tokenizer, messages, tools=tools, chat_template=chat_template, template_kwargs=template_kwargs,
                    record_name=record_name)
     spans: list[tuple[int, int]] = []
@@ -571,6 +600,112 @@ def render_with_spans(
         spans.append(span)
         prev_end = span[1]
     return text, spans
+
+
+class _ToolsNotRendered(ChatFormatError):
+    """The chat template left a record's tool calls or tool definitions out of its text (a template property far
+    more often than a record's: see `tokenize_chat_dataset`'s handling under on_error='skip')."""
+
+
+_TOOLS_FIX = ("Use a tokenizer whose chat template renders `tool_calls` and `tools` (e.g. the model's own template, "
+              "set in the tokenizer folder's chat_template.jinja or tokenizer_config.json), or pass such a template "
+              "as chat_template=...; or remove the tool calls and tools from the records")
+_MAX_ARGUMENT_ATOMS = 64  # keys and values checked per call: enough to see a template drop or garble arguments
+
+
+def _text_forms(value: Any) -> tuple[str, ...]:
+    """How a template may write an argument key or value: as is, JSON-escaped (ASCII or not, HTML-safe as Jinja's
+    own tojson; twice, for arguments encoded as a JSON string inside JSON), Python-repr-escaped, or stripped;
+    numbers as JSON/Python write them."""
+    if isinstance(value, str):
+        as_json, ascii_json = json.dumps(value, ensure_ascii=False)[1:-1], json.dumps(value)[1:-1]
+        html_safe = ascii_json.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026") \
+            .replace("'", "\\u0027")
+        return (value, value.strip(), as_json, ascii_json, html_safe, repr(value)[1:-1],
+                json.dumps(as_json, ensure_ascii=False)[1:-1], json.dumps(ascii_json)[1:-1])
+    forms = (json.dumps(value), repr(value), str(value))
+    if isinstance(value, float) and value.is_integer():
+        forms += (str(int(value)),)
+    return forms
+
+
+def _argument_atoms(value: Any, out: list, limit: int) -> None:
+    """The keys and the string/number leaves of a call's arguments (booleans and nulls are written too variously
+    to look for), at most `limit`."""
+    if len(out) >= limit:
+        return
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if len(out) < limit:
+                out.append(str(k))
+            _argument_atoms(v, out, limit)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _argument_atoms(v, out, limit)
+    elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        out.append(value)
+
+
+def _missing_argument(arguments: Any, region: str) -> Any:
+    """An argument key or value of a call that `region` does not contain in any form, else None."""
+    if isinstance(arguments, str):
+        if not arguments.strip() or any(f and f in region for f in _text_forms(arguments)):
+            return None
+        try:
+            arguments = json.loads(arguments)  # a JSON string rendered otherwise: look for its parts
+        except ValueError:
+            return arguments
+    atoms: list = []
+    _argument_atoms(arguments, atoms, _MAX_ARGUMENT_ATOMS)
+    for atom in atoms:
+        forms = [f for f in _text_forms(atom) if f]
+        if forms and not any(f in region for f in forms):
+            return atom
+    return None
+
+
+def _check_tools_rendered(messages: list[dict], tools: list | None, text: str, spans: list[tuple[int, int]],
+                          trained_from: int, record_name: str) -> None:
+    """Raise `_ToolsNotRendered` when a tool call's function name or an argument's key or value is not in the text
+    of its assistant turn (its trained span; the whole text for an untrained prompt turn), or when a tool
+    definition's name is not in the text outside the trained spans. String searches only: no extra render."""
+    at = iter(spans)
+    for j, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        span = next(at) if j >= trained_from else None
+        calls = msg.get("tool_calls")
+        if not calls:
+            continue
+        region = text[span[0]:span[1]] if span is not None else text
+        for k, call in enumerate(calls):
+            fn = call.get("function") or call
+            if fn["name"] not in region:
+                what = "function name"
+            else:
+                missing = _missing_argument(fn.get("arguments"), region)
+                what = None if missing is None else f"argument text {missing!r:.60}"
+            if what is not None:
+                raise _ToolsNotRendered(
+                    f"{record_name}: the chat template drops tool calls: assistant message {j}, tool call {k} "
+                    f"({fn['name']!r}): its {what} is not in the text the template renders for that turn "
+                    f"({region!r:.100}), so the call would not be trained. {_TOOLS_FIX}")
+    if not tools:
+        return
+    masked, at = [], 0  # the text outside the assistant turns: where the definitions belong (the calls name them too)
+    for start, end in spans:
+        masked.append(text[at:start])
+        at = end
+    masked = "".join(masked) + text[at:]
+    for tool in tools:
+        fn = tool.get("function") if isinstance(tool.get("function"), Mapping) else tool
+        tool_name = fn.get("name")
+        if isinstance(tool_name, str) and tool_name and tool_name not in masked:
+            raise _ToolsNotRendered(
+                f"{record_name}: the chat template drops the tool definitions: tool {tool_name!r} of the record's "
+                f"`tools` is not in the rendered text outside the assistant turns, so the model would learn to call "
+                f"tools it is never shown. "
+                f"{_TOOLS_FIX}")
 
 
 def token_mask_from_spans(offsets, spans: Sequence[Sequence[int]]) -> np.ndarray:
@@ -746,8 +881,9 @@ def _render_batch(batch, indices, *, tokenizer, messages_field, assistant_only, 
                   on_error, tools, template_kwargs):
     keys = list(batch.keys())
     serialised = "_messages_json" in batch  # records given as a list: one JSON string per record
-    texts, spans_out, errors = [], [], []
+    texts, spans_out, errors, tool_states = [], [], [], []
     for i, idx in enumerate(indices):
+        tool_state = 0  # 0: no tool calls or tools; 1: rendered; 2: the template dropped them
         try:
             if serialised:
                 name = batch["_name"][i]
@@ -760,6 +896,8 @@ def _render_batch(batch, indices, *, tokenizer, messages_field, assistant_only, 
                 messages, trained_from = _record_conversation(record, idx, messages_field)
                 rec_tools = record_tools(record, idx, default=tools)
             _check_has_answer(messages, trained_from, assistant_only, name)
+            if rec_tools or any(m.get("tool_calls") for m in messages):
+                tool_state = 1
             text, spans = render_with_spans(
                 messages, tokenizer, end_of_turn=end_of_turn, chat_template=chat_template, record_name=name,
                 tools=rec_tools, probe=probe, trained_from=trained_from, **template_kwargs,
@@ -769,10 +907,12 @@ def _render_batch(batch, indices, *, tokenizer, messages_field, assistant_only, 
             if on_error == "raise":
                 raise
             text, spans, error = "", [], str(exc)
+            tool_state = 2 if isinstance(exc, _ToolsNotRendered) else 0
         texts.append(text)
         spans_out.append([list(s) for s in spans])
         errors.append(error)
-    return {"text": texts, "_spans": spans_out, "_error": errors}
+        tool_states.append(tool_state)
+    return {"text": texts, "_spans": spans_out, "_error": errors, "_tools": tool_states}
 
 
 def _tokenize_batch(batch, *, tokenizer, assistant_only, max_seq_length, return_assistant_masks):
@@ -954,6 +1094,15 @@ def tokenize_chat_dataset(
         **common,
     )
     errors = rendered["_error"]
+    tool_states = _column_numpy(rendered, "_tools")
+    dropped = np.flatnonzero(tool_states == 2)
+    if len(dropped) and not (tool_states == 1).any():
+        # Not one record's tool calls/tools reached the text: the template drops them, a configuration error that
+        # skipping every such record (on_error="skip") would hide.
+        raise ChatFormatError(
+            f"the chat template drops tool calls or tools: it renders those of none of the {len(dropped)} records "
+            f"that carry them, so on_error='skip' would drop every one (a configuration error, not bad records). "
+            f"First: {errors[dropped[0]]}")
     bad = [i for i, e in enumerate(errors) if e]
     if bad:
         for i in bad:
@@ -964,7 +1113,7 @@ def tokenize_chat_dataset(
         if len(rendered) == 0:
             raise ValueError(f"every one of the {stats.records_in} records was skipped; first reason: {errors[bad[0]]}")
 
-    remove = ["_spans", "_error"] + ([] if keep_text else ["text"])
+    remove = ["_spans", "_error", "_tools"] + ([] if keep_text else ["text"])
     tokenized = rendered.map(
         _tokenize_batch,
         remove_columns=remove,
