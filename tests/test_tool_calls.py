@@ -22,6 +22,7 @@ import pytest
 from opensloth.data.chat import (
     IGNORE_INDEX,
     ChatFormatError,
+    TemplateDropsToolsError,
     encode_chat,
     record_messages,
     tokenize_chat_dataset,
@@ -504,7 +505,7 @@ def test_a_template_that_drops_tool_calls_stops_the_run(tmp_path):
     path = _write_jsonl(tmp_path / "calls.jsonl", [plain, plain, RECORDS[0], plain, RECORDS[1]])
     records = read_chat_records(path)
     for on_error in ("raise", "skip"):
-        with pytest.raises(ChatFormatError) as err:
+        with pytest.raises(TemplateDropsToolsError) as err:
             tokenize_chat_dataset(records, tiny, on_error=on_error)
         msg = str(err.value)
         assert f"{path}:3 (id='single_call_no_text')" in msg and "drops tool calls" in msg, on_error
@@ -527,9 +528,11 @@ def test_precompute_names_the_record_whose_calls_the_template_drops(tmp_path):
 
     build_tiny_tokenizer().save_pretrained(tmp_path / "tok")
     path = _write_jsonl(tmp_path / "calls.jsonl", [RECORDS[4], RECORDS[2]])
-    with pytest.raises(SystemExit, match=r"calls.jsonl:2 \(id='nested_mixed_arguments'\): the chat template drops"):
+    with pytest.raises(SystemExit, match=r"calls.jsonl:2 \(id='nested_mixed_arguments'\): the chat template drops") \
+            as err:
         precompute_dataset.main(["--data", str(path), "--tokenizer", str(tmp_path / "tok"),
                                  "--output_dir", str(tmp_path / "out")])
+    assert "--on_error skip" not in str(err.value)  # skipping is no fix for a template that drops every call
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

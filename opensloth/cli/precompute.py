@@ -147,7 +147,13 @@ def main(argv=None, *, prog: str | None = PROG) -> int:
     from transformers import AutoTokenizer
 
     from opensloth.data.cache import CacheConfig, atomic_save_datasets, read_cache_metadata, tokenizer_identity
-    from opensloth.data.chat import CHAT_FORMAT_VERSION, ChatFormatError, NothingToTrainError, tokenize_chat_dataset
+    from opensloth.data.chat import (
+        CHAT_FORMAT_VERSION,
+        ChatFormatError,
+        NothingToTrainError,
+        TemplateDropsToolsError,
+        tokenize_chat_dataset,
+    )
 
     name = args.name or "+".join(Path(s).stem for s in args.data)
     out = Path(args.output_dir) / name
@@ -184,8 +190,8 @@ def main(argv=None, *, prog: str | None = PROG) -> int:
             continue
         except ChatFormatError as exc:
             raise SystemExit(f"{exc}".replace("pass on_error='skip'", "pass --on_error skip")
-                             + ("" if args.on_error == "skip" else "; fix it, or drop such records with --on_error "
-                                                                   "skip (counted)")) from None
+                             + ("" if args.on_error == "skip" or isinstance(exc, TemplateDropsToolsError) else
+                                "; fix it, or drop such records with --on_error skip (counted)")) from None
         splits[split], stats[split] = ds, {"chat": st.as_dict()}
 
     if args.pack is not None:

@@ -403,7 +403,7 @@ def prepare_datasets(config: TrainConfig, tokenizer, world_size: int):
 
     material = {
         "format": DATA_FORMAT,
-        "chat_format": CHAT_FORMAT_VERSION,  # labels of tool-call records changed in 2
+        "chat_format": CHAT_FORMAT_VERSION,  # what a record renders to and trains (opensloth.data.chat)
         "dataset": dataset_identity(config.dataset, config.seed),
         "train_samples": config.train_samples,
         "test_samples": config.test_samples,
@@ -434,7 +434,7 @@ def prepare_datasets(config: TrainConfig, tokenizer, world_size: int):
 def _tokenize_split(config: TrainConfig, tokenizer, records, split: str, built_stats: dict):
     """One split tokenised for training; records that train no token are dropped. A training split with nothing
     to train stops the run saying why; an evaluation split with nothing to evaluate is left out (None)."""
-    from opensloth.data.chat import ChatFormatError, NothingToTrainError, tokenize_chat_dataset
+    from opensloth.data.chat import ChatFormatError, NothingToTrainError, TemplateDropsToolsError, tokenize_chat_dataset
 
     stats_all = built_stats.setdefault("opensloth_data_stats", {})
     try:
@@ -448,8 +448,8 @@ def _tokenize_split(config: TrainConfig, tokenizer, records, split: str, built_s
         return None
     except ChatFormatError as exc:
         raise RunError(f"--dataset {config.dataset}: {exc}".replace("pass on_error='skip'", "pass --on_error skip")
-                       + ("" if config.on_error == "skip" else "; fix the record, or drop such records with "
-                                                               "--on_error skip (counted)")) from None
+                       + ("" if config.on_error == "skip" or isinstance(exc, TemplateDropsToolsError) else
+                          "; fix the record, or drop such records with --on_error skip (counted)")) from None
     except ValueError as exc:  # every record skipped, empty dataset
         raise RunError(f"--dataset {config.dataset} ({split}): {exc}") from None
     stats_all[split] = {**stats.as_dict(), "skip_reasons": dict(list(stats.skip_reasons.items())[:5])}

@@ -602,7 +602,7 @@ def _render_spans(messages, *, tokenizer, end_of_turn, chat_template, record_nam
     return text, spans
 
 
-class _ToolsNotRendered(ChatFormatError):
+class TemplateDropsToolsError(ChatFormatError):
     """The chat template left a record's tool calls or tool definitions out of its text (a template property far
     more often than a record's: see `tokenize_chat_dataset`'s handling under on_error='skip')."""
 
@@ -666,7 +666,7 @@ def _missing_argument(arguments: Any, region: str) -> Any:
 
 def _check_tools_rendered(messages: list[dict], tools: list | None, text: str, spans: list[tuple[int, int]],
                           trained_from: int, record_name: str) -> None:
-    """Raise `_ToolsNotRendered` when a tool call's function name or an argument's key or value is not in the text
+    """Raise `TemplateDropsToolsError` when a tool call's function name or an argument's key or value is not in the text
     of its assistant turn (its trained span; the whole text for an untrained prompt turn), or when a tool
     definition's name is not in the text outside the trained spans. String searches only: no extra render."""
     at = iter(spans)
@@ -686,7 +686,7 @@ def _check_tools_rendered(messages: list[dict], tools: list | None, text: str, s
                 missing = _missing_argument(fn.get("arguments"), region)
                 what = None if missing is None else f"argument text {missing!r:.60}"
             if what is not None:
-                raise _ToolsNotRendered(
+                raise TemplateDropsToolsError(
                     f"{record_name}: the chat template drops tool calls: assistant message {j}, tool call {k} "
                     f"({fn['name']!r}): its {what} is not in the text the template renders for that turn "
                     f"({region!r:.100}), so the call would not be trained. {_TOOLS_FIX}")
@@ -701,7 +701,7 @@ def _check_tools_rendered(messages: list[dict], tools: list | None, text: str, s
         fn = tool.get("function") if isinstance(tool.get("function"), Mapping) else tool
         tool_name = fn.get("name")
         if isinstance(tool_name, str) and tool_name and tool_name not in masked:
-            raise _ToolsNotRendered(
+            raise TemplateDropsToolsError(
                 f"{record_name}: the chat template drops the tool definitions: tool {tool_name!r} of the record's "
                 f"`tools` is not in the rendered text outside the assistant turns, so the model would learn to call "
                 f"tools it is never shown. "
@@ -907,7 +907,7 @@ def _render_batch(batch, indices, *, tokenizer, messages_field, assistant_only, 
             if on_error == "raise":
                 raise
             text, spans, error = "", [], str(exc)
-            tool_state = 2 if isinstance(exc, _ToolsNotRendered) else 0
+            tool_state = 2 if isinstance(exc, TemplateDropsToolsError) else 0
         texts.append(text)
         spans_out.append([list(s) for s in spans])
         errors.append(error)
@@ -1099,7 +1099,7 @@ def tokenize_chat_dataset(
     if len(dropped) and not (tool_states == 1).any():
         # Not one record's tool calls/tools reached the text: the template drops them, a configuration error that
         # skipping every such record (on_error="skip") would hide.
-        raise ChatFormatError(
+        raise TemplateDropsToolsError(
             f"the chat template drops tool calls or tools: it renders those of none of the {len(dropped)} records "
             f"that carry them, so on_error='skip' would drop every one (a configuration error, not bad records). "
             f"First: {errors[dropped[0]]}")
@@ -1167,6 +1167,7 @@ __all__ = [
     "ChatFormatError",
     "ChatTokenizeStats",
     "NothingToTrainError",
+    "TemplateDropsToolsError",
     "TemplateProbe",
     "detect_end_of_turn",
     "encode_chat",
