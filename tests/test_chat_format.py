@@ -197,6 +197,22 @@ def test_truncation_is_counted_and_logged(qwen3_tokenizer, chat_records, caplog)
     assert dstats.dropped_too_long == int((lengths > limit).sum())
 
 
+def test_records_longer_than_the_tokenizers_limit_raise_no_transformers_warning(capfd):
+    """max_seq_length truncates and counts; transformers' "Token indices sequence length is longer than the specified
+    maximum" (its own model_max_length, which we never feed the model) only alarms users for nothing."""
+    from opensloth.data.chat import encode_chat
+    from opensloth.presets.tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.model_max_length = 8  # transformers warns once per tokenizer: a fresh one
+    record = {"messages": [{"role": "user", "content": "tell me about the weather " * 4},
+                           {"role": "assistant", "content": "it is fine today " * 4}]}
+    ds = tokenize_chat_dataset([record], tokenizer, max_seq_length=1024)
+    assert len(ds[0]["input_ids"]) > 8
+    assert len(encode_chat(record, tokenizer)["input_ids"]) == len(ds[0]["input_ids"])
+    assert "Token indices sequence length" not in capfd.readouterr().err
+
+
 def test_num_proc_gives_identical_rows(qwen3_tokenizer, hh_multi):
     recs = hh_multi[:64]
     one = tokenize_chat_dataset(recs, qwen3_tokenizer, max_seq_length=256, batch_size=16)

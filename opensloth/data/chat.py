@@ -862,7 +862,7 @@ def encode_chat(
         messages, tokenizer, end_of_turn=end_of_turn, chat_template=chat_template, record_name=name, tools=tools,
         trained_from=trained_from, **template_kwargs,
     )
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids, labels, mask, *_ = _encode_one(
         enc["input_ids"], enc["offset_mapping"], spans, assistant_only, max_seq_length
     )
@@ -917,7 +917,8 @@ def _render_batch(batch, indices, *, tokenizer, messages_field, assistant_only, 
 
 def _tokenize_batch(batch, *, tokenizer, assistant_only, max_seq_length, return_assistant_masks):
     need_offsets = assistant_only or return_assistant_masks
-    enc = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=need_offsets)
+    # verbose=False: no "Token indices sequence length is longer than ..." warning; max_seq_length truncates below
+    enc = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=need_offsets, verbose=False)
     out = {"input_ids": [], "labels": [], "_n_full": [], "_n_trained_full": [], "_n_kept": [], "_n_trained_kept": [],
            "_first_trained": [], "_n_learnt_kept": []}
     if return_assistant_masks:
