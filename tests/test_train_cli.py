@@ -503,7 +503,6 @@ def test_records_and_eval_sets_with_no_trained_token_are_dropped_with_a_message(
         assert info["records"]["train"]["dropped_no_trained"] == 3
 
 
-
 def test_an_edit_that_keeps_size_and_time_is_not_served_from_the_cache(cli, tmp_path, tiny_tok):
     """`cp -p`, `rsync -a` or an edit within the same second keep a file's size and modification time: the cache key
     must follow the bytes."""
