@@ -140,3 +140,22 @@ def test_the_launch_helpers_retry_a_teardown_abort_once_and_nothing_else():
     with pytest.raises(AssertionError, match="a real failure"):
         retry_launch_once(launch)
     assert len(calls) == 1
+
+
+def test_the_public_helper_collects_waits_and_destroys_and_is_a_no_op_without_a_group(calls, monkeypatch):
+    """`opensloth.distributed.shutdown_process_group` is what `opensloth train` and the torchrun test workers end
+    with, and what a user's own script is told to end with."""
+    import gc
+
+    from opensloth.distributed import shutdown_process_group
+
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append("collect") or 0)
+    shutdown_process_group()
+    assert calls == ["collect", "barrier", "destroy"]
+    calls.clear()
+    shutdown_process_group(wait_for_peers=False)
+    assert calls == ["collect", "destroy"]
+    calls.clear()
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    shutdown_process_group()
+    assert calls == []

@@ -170,11 +170,11 @@ def main(out_dir: str) -> None:
         report[layout] = run_layout(layout, out, env.world_size)
     with open(out / f"rank{env.rank}.json", "w") as fh:
         json.dump(report, fh)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main(sys.argv[1])
+    from opensloth.distributed import shutdown_process_group
+
+    shutdown_process_group()  # the trainers are out of reach now: collected before the group goes
