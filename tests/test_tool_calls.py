@@ -493,14 +493,45 @@ def _write_jsonl(path, records):
     return path
 
 
-def test_a_template_that_drops_tool_calls_stops_the_run(tmp_path):
-    """Regression: the tiny preset's template ignores `tool_calls` and `tools`; a tool-calling turn rendered as
-    `<|im_start|>assistant\\n<|im_end|>` and trained only `<|im_end|>`, with no warning. It must stop the run naming
-    the record, whatever on_error says (skipping would drop every tool record)."""
-    from opensloth.data.records import read_chat_records
+# ChatML that ignores `tool_calls` and `tools`, as the tiny preset's template did and many models' templates do
+_NO_TOOLS_CHATML = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
+    "{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def _no_tools_tokenizer():
+    from opensloth.presets.tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = _NO_TOOLS_CHATML
+    return tokenizer
+
+
+def test_the_tiny_presets_template_trains_tool_calls():
     from opensloth.presets.tokenizer import build_tiny_tokenizer
 
     tiny = build_tiny_tokenizer()
+    rows = tokenize_chat_dataset([RECORDS[0], RECORDS[2]], tiny).to_list()
+    trained = [tiny.decode([t for t in r["labels"] if t != IGNORE_INDEX]) for r in rows]
+    assert all('<tool_call>\n{"name": ' in t for t in trained)
+    assert '"get_weather"' in trained[0] and "It is 21 °C in Paris." in trained[0]
+
+
+def test_a_template_that_drops_tool_calls_stops_the_run(tmp_path):
+    """Regression: the tiny preset's template ignored `tool_calls` and `tools`; a tool-calling turn rendered as
+    `<|im_start|>assistant\\n<|im_end|>` and trained only `<|im_end|>`, with no warning. It must stop the run naming
+    the record, whatever on_error says (skipping would drop every tool record)."""
+    from opensloth.data.records import read_chat_records
+
+    tiny = _no_tools_tokenizer()
     plain = RECORDS[4]
     path = _write_jsonl(tmp_path / "calls.jsonl", [plain, plain, RECORDS[0], plain, RECORDS[1]])
     records = read_chat_records(path)
@@ -524,9 +555,7 @@ def test_precompute_names_the_record_whose_calls_the_template_drops(tmp_path):
         import precompute_dataset
     finally:
         sys.path.remove(str(ROOT / "train_scripts"))
-    from opensloth.presets.tokenizer import build_tiny_tokenizer
-
-    build_tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    _no_tools_tokenizer().save_pretrained(tmp_path / "tok")
     path = _write_jsonl(tmp_path / "calls.jsonl", [RECORDS[4], RECORDS[2]])
     with pytest.raises(SystemExit, match=r"calls.jsonl:2 \(id='nested_mixed_arguments'\): the chat template drops") \
             as err:
@@ -647,10 +676,8 @@ def test_null_content_next_to_tool_calls(qwen3_tokenizer):
 
 def test_tool_calls_in_an_untrained_prompt_are_checked_too(qwen3_tokenizer):
     """Prompt-completion records: calls in the prompt get no span; they are looked for in the whole text."""
-    from opensloth.presets.tokenizer import build_tiny_tokenizer
-
     rec = {"prompt": RECORDS[0]["messages"][:3], "completion": RECORDS[0]["messages"][3:]}
     out = encode_chat(rec, qwen3_tokenizer)
     assert _trained_texts(qwen3_tokenizer, out) == ["It is 21 °C in Paris." + EOT]
     with pytest.raises(ChatFormatError, match="drops tool calls"):
-        encode_chat(rec, build_tiny_tokenizer())
+        encode_chat(rec, _no_tools_tokenizer())

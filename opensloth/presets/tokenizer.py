@@ -35,11 +35,29 @@ VOCAB_CORPUS_SEED = 0
 
 # ChatML as Qwen writes it (without Qwen3's <think> blocks), with `{% generation %}` around what the assistant is
 # trained on, so `apply_chat_template(..., return_assistant_tokens_mask=True)` and TRL's assistant_only_loss work.
+# Tools as Qwen renders them: the definitions in the system turn between <tools> tags (after the record's own system
+# text, if any), each call in its assistant turn as <tool_call>{"name": ..., "arguments": ...}</tool_call> (trained);
+# tool results are ordinary `tool` turns. A record without tools renders exactly as it did before tools were added.
 CHAT_TEMPLATE = (
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\\n\\n' -}}{%- endif -%}"
+    "{{- '# Tools\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools><|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
+    "{%- if tools and loop.first and message['role'] == 'system' -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
     "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
+    "{%- generation -%}"
+    "{{- message['content'] if message['content'] is string else '' -}}"
+    "{%- for call in (message['tool_calls'] if message['tool_calls'] is defined and message['tool_calls'] else []) -%}"
+    "{%- set fn = call['function'] if call['function'] is defined else call -%}"
+    "{{- '\\n<tool_call>\\n{\"name\": ' + (fn['name'] | tojson) + ', \"arguments\": ' -}}"
+    "{{- (fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | tojson)) + '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>' -}}{%- endgeneration -%}"
     "{{- '\\n' -}}"
     "{%- else -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
