@@ -260,8 +260,9 @@ class TrainConfig:
             if not cond:
                 out.append((f"--{name}", message))
 
-        if self.preset is None and self.model_name and model_problem(self.model_name) is not None:
-            out.append(("--model_name", model_problem(self.model_name)))
+        model_issue = model_problem(self.model_name) if self.preset is None and self.model_name else None
+        if model_issue is not None:
+            out.append(("--model_name", model_issue))
 
         for name in ("max_seq_length", "train_samples", "per_device_batch_size", "grad_accum", "save_steps",
                      "logging_steps"):
